@@ -1,0 +1,1 @@
+"""Run configurations (ml_collections get_config files)."""

@@ -1,0 +1,1 @@
+"""ddrop_jax package."""

@@ -1,0 +1,1 @@
+"""dsp_jax package."""

@@ -1,0 +1,12 @@
+"""Flax Linen model zoo with explicit ``masks``/``gates`` collections.
+
+``create_model(name, num_classes, **overrides)`` builds a model by registry
+name; ``list_models()`` lists the names. Every model takes NHWC images and is
+called as ``model.apply(variables, x, train=...)``.
+"""
+
+from models.registry import (MODEL_SPECS, ModelSpec, create_model,
+                             list_models, model_spec)
+
+__all__ = ["MODEL_SPECS", "ModelSpec", "create_model", "list_models",
+           "model_spec"]

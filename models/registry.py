@@ -1,0 +1,84 @@
+"""Name -> model constructor registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+from flax import linen as nn
+
+from models import cifar_resnet
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """How to build one registered model.
+
+  Attributes:
+    name: registry name.
+    family: ``cifar_resnet`` (DSP), ``resnet`` / ``vgg`` (torchvision layout;
+      CIFAR or ImageNet stem), used by the converter's name tables.
+    build: ``build(num_classes, **overrides) -> nn.Module``.
+    image_size: input height/width the model is meant for.
+    tiny: a small variant meant for tests.
+  """
+
+  name: str
+  family: str
+  build: Callable[..., nn.Module]
+  image_size: int
+  tiny: bool = False
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {}
+
+
+def register(name: str, family: str, build: Callable[..., nn.Module],
+             image_size: int, tiny: bool = False) -> None:
+  if name in MODEL_SPECS:
+    raise ValueError(f"model {name!r} registered twice")
+  MODEL_SPECS[name] = ModelSpec(name, family, build, image_size, tiny)
+
+
+def list_models(include_tiny: bool = True) -> list[str]:
+  """Registered model names, sorted."""
+  return sorted(n for n, s in MODEL_SPECS.items() if include_tiny or not s.tiny)
+
+
+def model_spec(name: str) -> ModelSpec:
+  if name not in MODEL_SPECS:
+    raise ValueError(
+        f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+  return MODEL_SPECS[name]
+
+
+def create_model(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:
+  """Builds a registered model.
+
+  Args:
+    name: a name from ``list_models()``.
+    num_classes: classifier outputs.
+    **overrides: model attributes to change (e.g. ``groups=4`` to create DSP
+      gates, ``param_dtype=jnp.float64``).
+
+  Returns:
+    The Flax module.
+  """
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+  groups = overrides.get("groups")
+  if groups is not None and (not isinstance(groups, int) or groups < 1):
+    raise ValueError(f"groups must be an integer >= 1 (or None), got {groups!r}")
+  return model_spec(name).build(num_classes=num_classes, **overrides)
+
+
+def _cifar_resnet(depth: int, num_classes: int, **kw) -> nn.Module:
+  return cifar_resnet.CifarResNet(depth=depth, num_classes=num_classes, **kw)
+
+
+for _depth in (20, 32, 44, 56, 110):
+  register(f"cifar_resnet{_depth}", "cifar_resnet",
+           functools.partial(_cifar_resnet, _depth), 32)
+register("cifar_resnet8", "cifar_resnet",
+         functools.partial(_cifar_resnet, 8, widths=(4, 8, 16)), 32, tiny=True)
