@@ -1,1 +1,48 @@
-"""ddrop_jax package."""
+"""DDROP: dynamic dropout pruning (importance-ranked unit dropout, L1, pruning).
+
+Functional API, all pure functions over pytrees:
+
+* ``ddrop_layers(model_or_params)``: the layers DDROP acts on (by path).
+* ``keep_probabilities(params, stats, step, cfg, layers)``: the ``ddrop``
+  collection to pass to ``model.apply`` with a ``'ddrop'`` rng.
+* ``ddrop_l1(layers, cfg)`` / ``add_l1(lam, mask)``: L1 on the DDROP scales,
+  an optax transformation to chain before the optimizer.
+* ``prune(variables, layers, cfg)``: zero the least important units and set
+  the ``masks`` collection; ``apply_masks(params, masks)`` keeps them zero.
+* ``make_ddrop_train_step(model, tx, layers, cfg)``: a jit-able train step;
+  ``ddrop_collections`` is the hook for a generic step.
+
+Typical use::
+
+  layers = ddrop_layers(variables)
+  cfg = DdropConfig(prob=(0.0, 0.95), schedule="cosine").with_phase_steps(n)
+  tx = optax.chain(ddrop_l1(layers, cfg), optimizer)
+  step = jax.jit(make_ddrop_train_step(model, tx, layers, cfg))
+  ...  # train, then
+  variables = prune(variables, layers, cfg)
+  step = jax.jit(make_ddrop_train_step(model, ft_tx, None, None))
+"""
+
+from ddrop_jax.config import (CRITERIA, DEFAULT_L1, L1_MODES, PRUNE_SCOPES,
+                              SCHEDULES, DdropConfig)
+from ddrop_jax.l1 import (AddL1State, add_l1, ddrop_l1, l1_mask,
+                          rank_weights)
+from ddrop_jax.probs import (importance, init_stats, keep_probabilities,
+                             keep_range, layer_keep, prune_count, ranks,
+                             relative_ranks, schedule_scale)
+from ddrop_jax.pruning import apply_masks, init_masks, prune, pruned_units
+from ddrop_jax.selection import (DdropLayer, ddrop_layers, norm_producer,
+                                 prune_layers)
+from ddrop_jax.train import (DdropState, cross_entropy, ddrop_collections,
+                             make_ddrop_train_step, needs_stats)
+
+__all__ = [
+    "AddL1State", "CRITERIA", "DEFAULT_L1", "DdropConfig", "DdropLayer",
+    "DdropState", "L1_MODES", "PRUNE_SCOPES", "SCHEDULES", "add_l1",
+    "apply_masks", "cross_entropy", "ddrop_collections", "ddrop_l1",
+    "ddrop_layers", "importance", "init_masks", "init_stats",
+    "keep_probabilities", "keep_range", "l1_mask", "layer_keep",
+    "make_ddrop_train_step", "needs_stats", "norm_producer", "prune",
+    "prune_count", "prune_layers", "pruned_units", "rank_weights", "ranks",
+    "relative_ranks", "schedule_scale",
+]

@@ -82,3 +82,44 @@ for _depth in (20, 32, 44, 56, 110):
            functools.partial(_cifar_resnet, _depth), 32)
 register("cifar_resnet8", "cifar_resnet",
          functools.partial(_cifar_resnet, 8, widths=(4, 8, 16)), 32, tiny=True)
+
+
+# torchvision-layout ResNets and VGG-bn (the DDROP reference's models).
+from models import resnet, vgg  # noqa: E402
+
+
+def _resnet(depth: int, stem: str, image_size: int, num_classes: int,
+            **kw) -> nn.Module:
+  kw.setdefault("image_size", image_size)
+  return resnet.resnet(depth, num_classes, stem=stem, **kw)
+
+
+def _vgg(depth: int, head: str, image_size: int, num_classes: int,
+         **kw) -> nn.Module:
+  kw.setdefault("image_size", image_size)
+  return vgg.vgg(depth, num_classes, head=head, **kw)
+
+
+def _tiny(cls: type[nn.Module], fixed: dict[str, Any], num_classes: int,
+          **kw) -> nn.Module:
+  return cls(num_classes=num_classes, **{**fixed, **kw})
+
+
+for _depth in resnet.DEPTHS:
+  register(f"resnet{_depth}", "resnet",
+           functools.partial(_resnet, _depth, "imagenet", 224), 224)
+  register(f"cifar_resnet{_depth}", "resnet",
+           functools.partial(_resnet, _depth, "cifar", 32), 32)
+for _depth in vgg.CONFIGS:
+  register(f"vgg{_depth}_bn", "vgg",
+           functools.partial(_vgg, _depth, "imagenet", 224), 224)
+  register(f"cifar_vgg{_depth}_bn", "vgg",
+           functools.partial(_vgg, _depth, "cifar", 32), 32)
+register("cifar_resnet10_tiny", "resnet", functools.partial(
+    _tiny, resnet.ResNet,
+    dict(block="basic", stage_sizes=(1, 1, 1, 1), stem="cifar",
+         widths=(4, 8, 8, 16), image_size=32)), 32, tiny=True)
+register("cifar_vgg_tiny", "vgg", functools.partial(
+    _tiny, vgg.VGG,
+    dict(config=(4, "M", 8, 8, "M", 16, "M"), head="cifar", hidden=16,
+         image_size=32)), 32, tiny=True)

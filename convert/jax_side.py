@@ -1,0 +1,212 @@
+"""Flax side of the converter: models from packed plans, plans from variables.
+
+Also the import/export directory format that ``python -m convert`` and
+``run.py`` share: ``variables.npz`` (one array per variable, keyed by its
+'/'-joined path, e.g. ``params/stage_1/0/conv_a/kernel``) beside
+``model.json`` (``{"model": registry name, "num_classes": int, "overrides":
+{...}, "meta": {...}}``). Build the model with
+``models.create_model(model, num_classes, **overrides)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from convert import packing, tables
+
+FAMILY = "cifar_resnet"
+
+
+# ------------------------------------------------------------------ pytrees
+def flatten(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """``{'a/b/c': array}`` of a nested dict of arrays."""
+  return {"/".join(p): np.asarray(v) for p, v in tables._leaves(tree)}  # pylint: disable=protected-access
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """Inverse of ``flatten``."""
+  out: dict[str, Any] = {}
+  for k, v in flat.items():
+    tables._set(out, tuple(k.split("/")), np.asarray(v))  # pylint: disable=protected-access
+  return out
+
+
+def to_numpy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+  return unflatten(flatten(tree))
+
+
+# ------------------------------------------------------- models and templates
+def cifar_resnet_for(depth: int, widths: tuple[int, ...], num_classes: int,
+                     groups: int | None = None) -> tuple[str, dict[str, Any]]:
+  """Registry name and overrides that build a CifarResNet of this shape."""
+  name = f"cifar_resnet{depth}"
+  if name not in models.list_models() or models.model_spec(
+      name).family != FAMILY:
+    raise ValueError(f"no registered CIFAR ResNet of depth {depth}; valid: "
+                     + ", ".join(n for n in models.list_models()
+                                 if models.model_spec(n).family == FAMILY))
+  overrides: dict[str, Any] = {"widths": tuple(int(w) for w in widths)}
+  if groups is not None:
+    overrides["groups"] = int(groups)
+  return name, overrides
+
+
+def template(model: Any, image_size: int = 32, channels: int = 3
+             ) -> dict[str, Any]:
+  """Shapes/dtypes of a model's variables (no computation)."""
+  x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+
+def logits(model: Any, variables: Mapping[str, Any], images_nhwc: np.ndarray
+           ) -> np.ndarray:
+  """Evaluation-mode logits of a Flax model."""
+  v = jax.tree.map(jnp.asarray, dict(variables))
+  return np.asarray(model.apply(v, jnp.asarray(images_nhwc), train=False))
+
+
+# --------------------------------------------------------- plan <-> variables
+def conv_masks_oi(variables: Mapping[str, Any], names: list[str]
+                  ) -> dict[str, np.ndarray]:
+  """``{conv_name: (O, I)}`` masks (ones where the variables have none)."""
+  out = {}
+  for name in names:
+    path = tuple(name.split("."))
+    m = tables._get(variables.get(tables.MASKS, {}), path + ("kernel",))  # pylint: disable=protected-access
+    if m is None:
+      k = tables._get(variables[tables.PARAMS], path + ("kernel",))  # pylint: disable=protected-access
+      m = np.ones(k.shape[2:], np.asarray(k).dtype)
+    out[name] = tables.transpose2d(np.asarray(m))
+  return out
+
+
+def plan_from_variables(variables: Mapping[str, Any],
+                        num_batches_tracked: Mapping[str, int] | None = None,
+                        ) -> packing.PackedResNet:
+  """Packs a masked Flax CifarResNet.
+
+  Args:
+    variables: ``params``, ``batch_stats`` and (optionally) ``masks``.
+    num_batches_tracked: counters to write for the copied BatchNorms (stem,
+      shortcuts); 0 where absent.
+
+  Returns:
+    The packed plan.
+  """
+  params = variables[tables.PARAMS]
+  for need in ("conv_1_3x3", "bn_1", "stage_1", "classifier"):
+    if need not in params:
+      raise ValueError(
+          f"expected CifarResNet variables (conv_1_3x3, bn_1, stage_1.., "
+          f"classifier), found params {sorted(params)}")
+  num_stages = sum(1 for k in params if k.startswith("stage_"))
+  blocks = len(params["stage_1"])
+  masked = packing.apply_masks(to_numpy_tree(variables))
+  sd = tables.to_torch(masked, FAMILY, num_batches_tracked)
+  convs = tables.taking_part_convs(variables, FAMILY)
+  return packing.pack_cifar_resnet(sd, conv_masks_oi(variables, convs),
+                                   blocks, num_stages)
+
+
+def variables_from_plan(plan: packing.PackedResNet
+                        ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """Dense-shaped Flax variables (with masks) equivalent to a packed model.
+
+  Args:
+    plan: the packed model.
+
+  Returns:
+    ``(model_name, overrides, variables)`` with ``params``, ``batch_stats``
+    and ``masks`` (conv_a/conv_b kernel masks and bn_a/bn_b scale masks; ones
+    elsewhere), numpy arrays.
+  """
+  name, overrides = cifar_resnet_for(plan.depth, plan.widths, plan.num_classes)
+  model = models.create_model(name, plan.num_classes, **overrides)
+  tmpl = template(model)
+  sd, conv_masks, bn_masks = packing.unpack_cifar_resnet(plan)
+  variables = tables.from_torch(sd, tmpl, FAMILY)
+  masks = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), tmpl[tables.MASKS])
+  for conv, m in conv_masks.items():
+    tables._set(masks, tuple(conv.split(".")) + ("kernel",),  # pylint: disable=protected-access
+                tables.transpose2d(m))
+  for bn, m in bn_masks.items():
+    tables._set(masks, tuple(bn.split(".")) + ("scale",), m)  # pylint: disable=protected-access
+  variables[tables.MASKS] = masks
+  return name, overrides, variables
+
+
+# ------------------------------------------------------------------ files
+def atomic_write(path: str | os.PathLike, write: Any) -> pathlib.Path:
+  """Calls ``write(tmp_path)`` then renames tmp_path to ``path``.
+
+  A reader never sees a half-written file; on error the temp file is removed.
+
+  Args:
+    path: final path.
+    write: function writing a file at the path it is given.
+
+  Returns:
+    The final path.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                             dir=path.parent)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def save_variables(directory: str | os.PathLike, model_name: str,
+                   num_classes: int, overrides: Mapping[str, Any],
+                   variables: Mapping[str, Any],
+                   meta: Mapping[str, Any] | None = None) -> pathlib.Path:
+  """Writes ``variables.npz`` and ``model.json`` (see the module docstring)."""
+  directory = pathlib.Path(directory)
+  flat = flatten(variables)
+  atomic_write(directory / "variables.npz",
+               lambda p: np.savez(open(p, "wb"), **flat))
+  info = {"model": model_name, "num_classes": int(num_classes),
+          "overrides": {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in overrides.items()},
+          "meta": dict(meta or {})}
+  atomic_write(directory / "model.json",
+               lambda p: pathlib.Path(p).write_text(json.dumps(info, indent=2)))
+  return directory
+
+
+def load_variables(directory: str | os.PathLike
+                   ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """Reads a directory written by ``save_variables``.
+
+  Returns:
+    ``(model, variables, info)``: the Flax module, the variables (numpy) and
+    the ``model.json`` contents.
+  """
+  directory = pathlib.Path(directory)
+  for f in ("variables.npz", "model.json"):
+    if not (directory / f).is_file():
+      raise FileNotFoundError(
+          f"{directory} is not a converted-variables directory: no {f} "
+          "(expected variables.npz and model.json)")
+  info = json.loads((directory / "model.json").read_text())
+  overrides = {k: tuple(v) if isinstance(v, list) else v
+               for k, v in info.get("overrides", {}).items()}
+  model = models.create_model(info["model"], info["num_classes"], **overrides)
+  with np.load(directory / "variables.npz") as z:
+    variables = unflatten({k: z[k] for k in z.files})
+  return model, variables, info

@@ -1,0 +1,180 @@
+"""Unit importance, ranks, schedules and keep probabilities (spec section 3).
+
+Everything here is a pure function of the params (and ``ddrop_stats``) and a
+traced step, so it runs inside the jitted train step; no gradient flows
+through the probabilities.
+
+Ranks are ascending by importance with ties broken by unit index (a stable
+sort: of two equal units the lower index gets the lower rank). The relative
+rank is ``a_c = r_c / (C - 1)``; a layer with a single unit has ``a = 0``
+(its unit keeps with ``p'_min``), since it is both the least and the most
+important unit and the least important one decides.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from ddrop_jax.config import DdropConfig
+from ddrop_jax.selection import DENSE, DdropLayer, Path
+
+Array = jax.Array
+
+
+def _get(tree: Mapping[str, Any], path: Path) -> Any:
+  node = tree
+  for i, key in enumerate(path):
+    if not isinstance(node, Mapping) or key not in node:
+      raise KeyError(f"{'.'.join(path)}: no entry {key!r} at "
+                     f"{'.'.join(path[:i]) or '<root>'}")
+    node = node[key]
+  return node
+
+
+def importance(layer: DdropLayer, params: Mapping[str, Any],
+               stats: Mapping[str, Any] | None = None,
+               criterion: str = "abs_gamma") -> Array:
+  """Per-unit importance of one layer, shape (C,).
+
+  Args:
+    layer: the layer.
+    params: params pytree.
+    stats: the ``ddrop_stats`` collection (``abs_mean`` per layer); needed
+      for ``activation`` only.
+    criterion: ``abs_gamma`` (|gamma| of a norm; squared L2 norm of each
+      output unit's weight row for a Linear layer), ``weight_norm`` (squared
+      L2 norm of the producing conv filter / Linear row) or ``activation``
+      (running mean of |activation|).
+
+  Returns:
+    Importance values (larger = more important), without gradient.
+  """
+  if criterion == "abs_gamma":
+    if layer.kind == DENSE:
+      v = _row_sq_norm(_get(params, layer.path)["kernel"])
+    else:
+      v = jnp.abs(_get(params, layer.path)["scale"])
+  elif criterion == "weight_norm":
+    if layer.producer is None:
+      raise ValueError(f"{layer.name}: criterion weight_norm needs a "
+                       "producing conv/Linear, the layer has none")
+    v = _row_sq_norm(_get(params, layer.producer)["kernel"])
+  elif criterion == "activation":
+    if stats is None:
+      raise ValueError(f"{layer.name}: criterion activation needs the "
+                       "ddrop_stats collection (see init_stats)")
+    v = _get(stats, layer.path)["abs_mean"]
+  else:
+    raise ValueError(f"criterion must be one of abs_gamma, weight_norm, "
+                     f"activation; got {criterion!r}")
+  return jax.lax.stop_gradient(v)
+
+
+def _row_sq_norm(kernel: Array) -> Array:
+  # Output units are the last axis of HWIO conv and (in, out) dense kernels.
+  return jnp.sum(jnp.square(kernel), axis=tuple(range(kernel.ndim - 1)))
+
+
+def ranks(v: Array) -> Array:
+  """Ascending ranks 0..C-1 of ``v``; ties ordered by index (stable sort)."""
+  order = jnp.argsort(v, stable=True)
+  return jnp.zeros(v.shape, jnp.int32).at[order].set(
+      jnp.arange(v.shape[0], dtype=jnp.int32))
+
+
+def relative_ranks(v: Array) -> Array:
+  """``a_c = r_c / (C - 1)`` in [0, 1]; zeros when C = 1."""
+  c = v.shape[0]
+  if c == 1:
+    return jnp.zeros((1,), jnp.float32)
+  return ranks(v).astype(jnp.float32) / (c - 1)
+
+
+def schedule_scale(step: Array | int, total_steps: int, schedule: str) -> Array:
+  """How far the keep range still is from the target (1 = no dropping).
+
+  ``u = min(step, total_steps) / total_steps``; cosine: ``cos(pi u / 2)``,
+  linear: ``1 - u``, constant: ``0``.
+
+  Args:
+    step: optimizer step (may be traced).
+    total_steps: schedule length in optimizer steps, >= 1.
+    schedule: ``constant``, ``cosine`` or ``linear``.
+
+  Returns:
+    A float32 scalar in [0, 1].
+  """
+  if total_steps is None or total_steps < 1:
+    raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}"
+                     " (DdropConfig.with_phase_steps fills in the default)")
+  u = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps) / total_steps
+  if schedule == "cosine":
+    return jnp.cos(jnp.pi * u / 2)
+  if schedule == "linear":
+    return 1.0 - u
+  if schedule == "constant":
+    return jnp.zeros_like(u)
+  raise ValueError(f"schedule must be one of constant, cosine, linear; got "
+                   f"{schedule!r}")
+
+
+def keep_range(step: Array | int, cfg: DdropConfig) -> tuple[Array, Array]:
+  """The effective range ``(p'_min, p'_max)`` at ``step``."""
+  scale = schedule_scale(step, cfg.total_steps, cfg.schedule)
+  return (cfg.p_min + (1.0 - cfg.p_min) * scale,
+          cfg.p_max + (1.0 - cfg.p_max) * scale)
+
+
+def layer_keep(v: Array, step: Array | int, cfg: DdropConfig) -> Array:
+  """Keep probability ``p'_min + a_c (p'_max - p'_min)`` for importances v."""
+  lo, hi = keep_range(step, cfg)
+  return lo + relative_ranks(v) * (hi - lo)
+
+
+def keep_probabilities(params: Mapping[str, Any],
+                       stats: Mapping[str, Any] | None,
+                       step: Array | int, cfg: DdropConfig,
+                       layers: Sequence[DdropLayer]) -> dict[str, Any]:
+  """The ``ddrop`` collection for one train step.
+
+  Args:
+    params: params pytree (importance is read from it; no gradient).
+    stats: ``ddrop_stats`` collection, or None unless the criterion is
+      ``activation``.
+    step: optimizer step of the DDROP phase (may be traced).
+    cfg: DDROP config with ``total_steps`` resolved.
+    layers: the DDROP layers (``ddrop_layers``).
+
+  Returns:
+    Nested dict ``{module path...: {'keep': (C,) float32}}`` to pass as
+    ``variables['ddrop']``.
+  """
+  flat = {}
+  for layer in layers:
+    v = importance(layer, params, stats, cfg.criterion)
+    flat[layer.path + ("keep",)] = jax.lax.stop_gradient(
+        layer_keep(v, step, cfg))
+  return traverse_util.unflatten_dict(flat)
+
+
+def init_stats(layers: Sequence[DdropLayer]) -> dict[str, Any]:
+  """A zero ``ddrop_stats`` collection (``abs_mean`` per DDROP layer).
+
+  Passing it in the variables (and as mutable) fixes the collection's
+  structure from the first step, as jit needs. Before any statistics exist all
+  units tie, so ranks follow the unit index.
+  """
+  return traverse_util.unflatten_dict(
+      {l.path + ("abs_mean",): jnp.zeros((l.units,), jnp.float32)
+       for l in layers})
+
+
+def prune_count(units: int, amount: float) -> int:
+  """``floor(amount * C)`` units removed from a layer of C units."""
+  # A small tolerance keeps e.g. 0.3 * 10 at 3 despite float rounding.
+  return int(math.floor(amount * units + 1e-9))

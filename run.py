@@ -1,0 +1,68 @@
+"""Command line: ``python run.py --config CONFIG [--workdir DIR] [--config.FIELD=VALUE ...]``.
+
+Parses the config file (a Python file with ``get_config()``; see
+``configs/``), applies the overrides, validates every field against
+``training/config.py`` and dispatches on ``config.method``:
+
+* ``train``: ``training.pipeline.run`` (plain supervised training);
+* ``dsp``: ``dsp_jax.pipeline.run``;
+* ``ddrop``: ``ddrop_jax.pipeline.run``.
+
+``config.stages`` selects stages of the method. Restarting the same command
+resumes from the last checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from training import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Run configuration file (get_config() -> ConfigDict).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory; default: the config's workdir field.")
+
+PIPELINES = {"train": "training.pipeline", "dsp": "dsp_jax.pipeline",
+             "ddrop": "ddrop_jax.pipeline"}
+
+
+def dispatch(config, workdir: str):
+  """Runs ``config.method``'s pipeline; returns its report."""
+  module_name = PIPELINES[config.method]
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name is None or not module_name.startswith(e.name):
+      raise
+    raise SystemExit(f"method {config.method!r} needs {module_name}.run, "
+                     f"which is not available ({e})") from e
+  if not hasattr(module, "run"):
+    raise SystemExit(f"method {config.method!r}: {module_name} has no run()")
+  return module.run(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required")
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    raise SystemExit(f"error: {e}") from None
+  dispatch(config, _WORKDIR.value or config.workdir)
+
+
+if __name__ == "__main__":
+  try:
+    config_lib.check_override_paths(sys.argv[1:])
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
+  app.run(main)
