@@ -47,7 +47,8 @@ def random_images(n: int, image_size: int = 32, seed: int = 0) -> np.ndarray:
 def torch_logits(module: Any, images_nhwc: np.ndarray) -> np.ndarray:
   """Logits of a torch module (eval, no grad) for NHWC images."""
   x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
-  with torch.no_grad():
+  # No profiling/fusion passes: one call, and they cost seconds on CPU.
+  with torch.no_grad(), torch.jit.optimized_execution(False):
     return module(x).detach().cpu().numpy()
 
 
@@ -143,7 +144,7 @@ def export_packed(model: Any, variables: Mapping[str, Any],
     # Batch 2 in the example: a size-1 dimension would be specialised.
     example = (torch.zeros(2, 3, image_size, image_size),)
     ep = torch.export.export(
-        dsp_torch.build(plan), example,
+        dsp_torch.build(plan, index_select=True), example,
         dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
     files[PROGRAM] = jax_side.atomic_write(
         out_dir / PROGRAM, lambda p: torch.export.save(ep, p))

@@ -37,14 +37,20 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
 class Sampler(nn.Module):
   """Splits the channels of x into n index-selected tensors (one per branch)."""
 
-  def __init__(self, indices: Sequence[np.ndarray]):
+  def __init__(self, indices: Sequence[np.ndarray], index_select: bool = False):
     super().__init__()
     # A plain list (not buffers): tracing turns the tensors into constants.
     self.indices = [_tensor(np.asarray(i, np.int64)).view(1, -1, 1, 1)
                     for i in indices]
+    # take_along_dim is what the TorchScript format records; torch.export
+    # needs index_select (take_along_dim's broadcast pins the batch size).
+    self.index_select = index_select
 
   def forward(self, x: torch.Tensor):
-    outs = tuple(torch.take_along_dim(x, i, 1) for i in self.indices)
+    if self.index_select:
+      outs = tuple(torch.index_select(x, 1, i.view(-1)) for i in self.indices)
+    else:
+      outs = tuple(torch.take_along_dim(x, i, 1) for i in self.indices)
     return outs[0] if len(outs) == 1 else outs
 
 
@@ -79,11 +85,11 @@ def numbered(base: type, n: int) -> type:
 class Compactblock(nn.Module):
   """A packed residual block; without branches, shortcut + ReLU."""
 
-  def __init__(self, block: packing.PackedBlock):
+  def __init__(self, block: packing.PackedBlock, index_select: bool = False):
     super().__init__()
     self.empty = block.empty
     if not self.empty:
-      self._add_branches(block)
+      self._add_branches(block, index_select)
     # Registered last, as in the released files' module tree.
     self.downsample = None
     if block.downsample is not None:
@@ -93,17 +99,20 @@ class Compactblock(nn.Module):
       conv.weight.data = _tensor(d["0.weight"])
       self.downsample = nn.Sequential(conv, _batchnorm(d, "1."))
 
-  def _add_branches(self, block: packing.PackedBlock) -> None:
+  def _add_branches(self, block: packing.PackedBlock,
+                    index_select: bool) -> None:
     na, nb = len(block.branches_a), len(block.branches_b)
     self.layers_a = nn.ModuleList(
         nn.Sequential(_conv(br, block.stride), _batchnorm(br.bn),
                       nn.ReLU(inplace=True)) for br in block.branches_a)
-    self.sampler_a = numbered(Sampler, na)([br.inputs for br in block.branches_a])
+    self.sampler_a = numbered(Sampler, na)(
+        [br.inputs for br in block.branches_a], index_select)
     self.concat_a = numbered(Concat, na)()
     self.layers_b = nn.ModuleList(
         nn.Sequential(_conv(br, 1), _batchnorm(br.bn))
         for br in block.branches_b)
-    self.sampler_b = numbered(Sampler, nb)([br.inputs for br in block.branches_b])
+    self.sampler_b = numbered(Sampler, nb)(
+        [br.inputs for br in block.branches_b], index_select)
     self.residual = numbered(IAdd, nb)([br.outputs for br in block.branches_b])
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +132,7 @@ class Compactblock(nn.Module):
 class CifarResNet(nn.Module):
   """The packed CifarResNet."""
 
-  def __init__(self, plan: packing.PackedResNet):
+  def __init__(self, plan: packing.PackedResNet, index_select: bool = False):
     super().__init__()
     w = plan.stem["conv_1_3x3.weight"]
     self.conv_1_3x3 = nn.Conv2d(w.shape[1], w.shape[0], w.shape[-1], 1,
@@ -132,7 +141,7 @@ class CifarResNet(nn.Module):
     self.bn_1 = _batchnorm(plan.stem, "bn_1.")
     for s, blocks in enumerate(plan.stages):
       setattr(self, f"stage_{s + 1}",
-              nn.Sequential(*[Compactblock(b) for b in blocks]))
+              nn.Sequential(*[Compactblock(b, index_select) for b in blocks]))
     self.num_stages = len(plan.stages)
     self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
     cw = plan.classifier["weight"]
@@ -169,9 +178,19 @@ def _batchnorm(src: dict[str, np.ndarray], prefix: str = "") -> nn.BatchNorm2d:
   return bn
 
 
-def build(plan: packing.PackedResNet) -> CifarResNet:
-  """The eager packed model of a plan, in eval mode, on CPU."""
-  return CifarResNet(plan).eval()
+def build(plan: packing.PackedResNet, index_select: bool = False
+          ) -> CifarResNet:
+  """The eager packed model of a plan, in eval mode, on CPU.
+
+  Args:
+    plan: the packed model.
+    index_select: gather channels with ``index_select`` instead of
+      ``take_along_dim`` (same numbers; what ``torch.export`` needs).
+
+  Returns:
+    The module.
+  """
+  return CifarResNet(plan, index_select).eval()
 
 
 def trace(plan: packing.PackedResNet, image_size: int = 32

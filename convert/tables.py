@@ -176,15 +176,17 @@ class Layer:
     return ".".join(self.path)
 
 
-def find_layers(variables: Variables) -> list[Layer]:
-  """Layers of a model, in the order of its ``params`` tree.
+def find_layers(variables: Variables, family: str) -> list[Layer]:
+  """Layers of a model, in model order (the family table's ``order``).
 
   The kind comes from the leaves: a 4-D ``kernel`` is a conv, a 2-D one a
   dense layer, a ``scale`` with running statistics a BatchNorm, without them
-  a LayerNorm.
+  a LayerNorm. The order cannot come from the dicts: pytree operations sort
+  their keys.
 
   Args:
     variables: the model variables (``params`` at least; shapes suffice).
+    family: model family (its table orders the layers).
 
   Returns:
     The layers.
@@ -197,7 +199,9 @@ def find_layers(variables: Variables) -> list[Layer]:
       found[mod] = "conv" if len(leaf.shape) == 4 else "dense"
     elif name == "scale":
       found[mod] = "batchnorm" if _get(stats, mod) is not None else "layernorm"
-  return [Layer(p, k) for p, k in found.items()]
+  key = family_table(family).sort_key
+  return sorted((Layer(p, k) for p, k in found.items()),
+                key=lambda l: key(l.path))
 
 
 # -------------------------------------------------------------- family tables
@@ -209,6 +213,9 @@ class FamilyTable:
     name: registry family (``cifar_resnet``, ``resnet``, ``vgg``).
     taking_part: regex over PyTorch module names of the convs that take part
       in DSP (the stem and shortcut convs never do).
+    order: regexes over module-path components, in the order sibling
+      modules are created (= PyTorch state-dict order); a component's rank is
+      its first full match, then its number (the regex's group), then its name.
     nchw_flatten_dense: regex over dense-layer names whose input is a
       flattened feature map (VGG's ``classifier.0``); their input rows are
       permuted between PyTorch's (C, H, W) and Flax's (H, W, C) order when the
@@ -217,7 +224,20 @@ class FamilyTable:
 
   name: str
   taking_part: str
+  order: tuple[str, ...]
   nchw_flatten_dense: str | None = None
+
+  def sort_key(self, path: tuple[str, ...]) -> tuple[Any, ...]:
+    key = []
+    for part in path:
+      for rank, pattern in enumerate(self.order):
+        m = re.fullmatch(pattern, part)
+        if m:
+          key.append((rank, int(m.group(1)) if m.groups() else 0, part))
+          break
+      else:
+        key.append((len(self.order), 0, part))
+    return tuple(key)
 
   def is_taking_part(self, layer: Layer, first_conv: str) -> bool:
     return (layer.kind == "conv" and layer.name != first_conv
@@ -225,10 +245,16 @@ class FamilyTable:
 
 
 FAMILIES: dict[str, FamilyTable] = {
-    "cifar_resnet": FamilyTable("cifar_resnet",
-                                r"stage_\d+\.\d+\.conv_[ab]"),
-    "resnet": FamilyTable("resnet", r"layer\d+\.\d+\.conv\d+"),
+    "cifar_resnet": FamilyTable(
+        "cifar_resnet", r"stage_\d+\.\d+\.conv_[ab]",
+        (r"conv_1_3x3", r"bn_1", r"stage_(\d+)", r"(\d+)", r"conv_a", r"bn_a",
+         r"conv_b", r"bn_b", r"downsample", r"classifier")),
+    "resnet": FamilyTable(
+        "resnet", r"layer\d+\.\d+\.conv\d+",
+        (r"conv1", r"bn1", r"layer(\d+)", r"(\d+)", r"conv2", r"bn2", r"conv3",
+         r"bn3", r"downsample", r"fc")),
     "vgg": FamilyTable("vgg", r"features\.\d+",
+                       (r"features", r"classifier", r"(\d+)"),
                        nchw_flatten_dense=r"classifier\.0"),
 }
 
@@ -244,7 +270,7 @@ def family_table(family: str) -> FamilyTable:
 def taking_part_convs(variables: Variables, family: str) -> list[str]:
   """PyTorch names of the convs that take part in DSP, in model order."""
   table = family_table(family)
-  layers = find_layers(variables)
+  layers = find_layers(variables, family)
   convs = [l for l in layers if l.kind == "conv"]
   first = convs[0].name if convs else ""
   return [l.name for l in convs if table.is_taking_part(l, first)]
@@ -256,7 +282,7 @@ def _layer_fns(layer: Layer, rule: Rule, table: FamilyTable,
   if (layer.kind == "dense" and rule.leaf == "kernel"
       and table.nchw_flatten_dense
       and re.fullmatch(table.nchw_flatten_dense, layer.name)):
-    convs = [l for l in find_layers(variables) if l.kind == "conv"]
+    convs = [l for l in find_layers(variables, table.name) if l.kind == "conv"]
     channels = _get(variables[PARAMS], convs[-1].path + ("kernel",)).shape[-1]
     n_in = _get(variables[PARAMS], layer.path + ("kernel",)).shape[0]
     if n_in != channels:
@@ -282,7 +308,7 @@ def to_torch(variables: Variables, family: str,
   table = family_table(family)
   nbt = dict(num_batches_tracked or {})
   out: dict[str, Array] = {}
-  for layer in find_layers(variables):
+  for layer in find_layers(variables, family):
     for rule in KINDS[layer.kind]:
       value = _get(variables.get(rule.collection, {}), layer.path + (rule.leaf,))
       if value is None:
@@ -318,7 +344,7 @@ def from_torch(state_dict: Mapping[str, Array], template: Variables,
   table = family_table(family)
   out: dict[str, Any] = {}
   used: set[str] = set()
-  for layer in find_layers(template):
+  for layer in find_layers(template, family):
     for rule in KINDS[layer.kind]:
       want = _get(template.get(rule.collection, {}), layer.path + (rule.leaf,))
       if want is None:

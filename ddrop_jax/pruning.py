@@ -20,6 +20,7 @@ pruned weight away from 0.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -81,6 +82,13 @@ def prune(variables: Mapping[str, Any], layers: Sequence[DdropLayer],
     module docstring says; the ``ddrop`` and ``ddrop_stats`` collections are
     dropped (DDROP is off from here on); other collections pass through.
   """
+  variables = dict(variables)
+  return _prune(variables, tuple(layers), cfg, stats)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _prune(variables, layers, cfg, stats):
+  # One compiled program instead of hundreds of small eager ops.
   params = variables["params"]
   ddrop_paths = {l.path for l in layers}
   flat_p = traverse_util.flatten_dict(params)

@@ -95,6 +95,7 @@ class LayerInfo:
   convs: tuple[ConvInfo, ...]
   blocks: tuple[Block, ...]
   image_shape: tuple[int, int, int]
+  model: Any = dataclasses.field(default=None, compare=False)
 
   def conv(self, path: Path) -> ConvInfo:
     for c in self.convs:
@@ -111,6 +112,10 @@ def analyze(model: nn.Module, image_shape: Sequence[int],
             dtype: Any = jnp.float32) -> LayerInfo:
   """Finds the taking-part convolutions, their shapes and residual blocks.
 
+  Uses the channel-flow structure of ``models.structure`` and checks it
+  against the model's gates (which exist exactly for the taking-part convs);
+  falls back to the gate paths and the recorded layer calls otherwise.
+
   Args:
     model: a Flax model built with ``groups=G`` (so that it creates gates).
     image_shape: (H, W, C) of one input image (the probe of spec §0).
@@ -122,6 +127,37 @@ def analyze(model: nn.Module, image_shape: Sequence[int],
   Raises:
     ValueError: if the model creates no gates.
   """
+  from_gates = analyze_from_gates(model, image_shape, dtype)
+  try:
+    from_structure = analyze_from_structure(model, image_shape)
+  except Exception:  # pylint: disable=broad-except
+    return from_gates
+  return from_structure if from_structure == from_gates else from_gates
+
+
+def analyze_from_structure(model: nn.Module,
+                           image_shape: Sequence[int]) -> LayerInfo:
+  """The layer description from ``models.structure.analyze``."""
+  from models import structure  # pylint: disable=g-import-not-at-top
+  st = structure.analyze(model, tuple(image_shape[:2]), image_shape[2])
+  convs = []
+  for l in st.taking_part:
+    k = l.kernel_size
+    convs.append(ConvInfo(
+        tuple(l.path), (k[0], k[1], l.in_features, l.out_features),
+        tuple(l.in_hw) + (l.in_features,), tuple(l.out_hw) + (l.out_features,),
+        None if l.norm is None else tuple(l.norm)))
+  blocks = []
+  for b in st.blocks:
+    if len(b.main) == 2 and all(n is not None for _, n in b.main):
+      (ca, na), (cb, nb) = b.main
+      blocks.append(Block(tuple(ca), tuple(na), tuple(cb), tuple(nb)))
+  return LayerInfo(tuple(convs), tuple(blocks), tuple(image_shape), model)
+
+
+def analyze_from_gates(model: nn.Module, image_shape: Sequence[int],
+                       dtype: Any = jnp.float32) -> LayerInfo:
+  """The layer description from the gate paths and recorded layer calls."""
   calls: list[tuple[str, Path, tuple, tuple, bool]] = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -174,7 +210,7 @@ def analyze(model: nn.Module, image_shape: Sequence[int],
     if len(group) == 2 and all(c.norm is not None for c in group):
       a, b = group
       blocks.append(Block(a.path, a.norm, b.path, b.norm))
-  return LayerInfo(tuple(convs), tuple(blocks), tuple(image_shape))
+  return LayerInfo(tuple(convs), tuple(blocks), tuple(image_shape), model)
 
 
 def _flat_paths(tree) -> list[Path]:

@@ -7,9 +7,10 @@ called as ``model.apply(variables, x, train=...)``.
 
 from models.registry import (MODEL_SPECS, ModelSpec, create_model,
                              list_models, model_spec)
+from models import flops, structure
 from models.structure import (Block, LayerInfo, ModelStructure, analyze,
                               dead_channels, zero_dead)
 
 __all__ = ["MODEL_SPECS", "Block", "LayerInfo", "ModelSpec", "ModelStructure",
            "analyze", "create_model", "dead_channels", "list_models",
-           "model_spec", "zero_dead"]
+           "flops", "model_spec", "structure", "zero_dead"]

@@ -136,7 +136,7 @@ class LayerInfo:
 
   @property
   def repeat(self) -> int:
-    """How many input features carry each producer channel (H*W after a flatten)."""
+    """Input features per producer channel (H*W after a flatten)."""
     if self.in_channel_map is None or not self.inputs:
       return 1
     return self.in_features // max(1, len(set(self.in_channel_map)))
@@ -215,7 +215,7 @@ class ModelStructure:
   def consumers(self, path: Path) -> list[LayerInfo]:
     """Convs and dense layers whose input carries ``path``'s output channels."""
     path = tuple(path)
-    self[path]
+    self[path]  # a clear error for an unknown path
     return self._select(lambda l: l.kind != "norm" and path in l.inputs)
 
   def space_of(self, path: Path) -> frozenset[Path]:
@@ -280,15 +280,15 @@ class _Walker:
     self.blocks: list[dict[str, Any]] = []
 
   # union-find over producers (residual spaces)
-  def _find(self, p: Path) -> Path:
+  def find(self, p: Path) -> Path:
     while self.parent.setdefault(p, p) != p:
       p = self.parent[p]
     return p
 
-  def _tie(self, flow: Iterable[Path]) -> None:
+  def tie(self, flow: Iterable[Path]) -> None:
     flow = list(flow)
     for p in flow[1:]:
-      ra, rb = self._find(flow[0]), self._find(p)
+      ra, rb = self.find(flow[0]), self.find(p)
       if ra != rb:
         self.parent[rb] = ra
 
@@ -322,10 +322,8 @@ class _Walker:
     n_out = len(eqn.outvars)
     acts = [a for a in ins if isinstance(a, _Act)]
     if not acts:
+      # Variables only (mask multiplies, BN scale folding): just their sources.
       srcs = frozenset().union(*[a.srcs for a in ins if isinstance(a, _Param)])
-      sub = self._subjaxpr(eqn)
-      if sub is not None and srcs:
-        return self.run(sub[0], sub[1], ins)
       return [_Param(srcs) if srcs else None] * n_out
     sub = self._subjaxpr(eqn)
     if sub is not None:
@@ -363,15 +361,17 @@ class _Walker:
       return [_Act(flow, perm.index(a.axis), a.cmap, trail)]
     if name in ("reshape", "squeeze", "expand_dims") and ins[0] is a:
       return [self._reshape(a, in_shapes[0], out_shape)]
-    if name in ("pad", "slice", "rev", "dynamic_slice", "concatenate",
-                "reduce_window_max", "cumsum", "cummax", "sort"):
+    if name in ("pad", "slice", "rev", "concatenate"):
+      # Spatial padding, cropping, flipping or stacking keeps the channels
+      # when the channel axis itself is untouched.
       same = all(len(s) == len(out_shape) and s[a.axis] == out_shape[a.axis]
                  for s in in_shapes if s)
       if name == "concatenate" and eqn.params["dimension"] == a.axis:
         same = False
-      if name in ("pad", "slice", "rev", "concatenate") and same and all(
-          x.axis == a.axis and _same_cmap(x.cmap, a.cmap) for x in acts):
+      if same and all(x.axis == a.axis and _same_cmap(x.cmap, a.cmap)
+                      for x in acts):
         return [_Act(flow, a.axis, a.cmap, trail)] * n_out
+    # Anything else may mix channels.
     return [self._unaligned(flow, trail)] * n_out
 
   def _elementwise(self, eqn, ins, acts, flow, trail) -> _Act:
@@ -386,8 +386,8 @@ class _Walker:
     if not aligned:
       return _Act(flow, None, None, trail, uniform)
     axis, cmap = aligned[0].axis, aligned[0].cmap
-    if all(a.axis == axis and _same_cmap(a.cmap, cmap) for a in aligned) and all(
-        axis in a.uniform for a in acts if a.axis is None):
+    same = all(a.axis == axis and _same_cmap(a.cmap, cmap) for a in aligned)
+    if same and all(axis in a.uniform for a in acts if a.axis is None):
       return _Act(flow, axis, cmap, trail, uniform - {axis})
     return self._unaligned(flow, trail)
 
@@ -477,7 +477,7 @@ class _Walker:
     aligned = a.axis is not None
     if not aligned:
       self.mixed.update(a.flow)
-    self._tie(a.flow)
+    self.tie(a.flow)
     self.records[path] = dict(
         path=path, kind=kind, inputs=tuple(sorted(a.flow)), aligned=aligned,
         in_channel_map=(None if a.cmap is None else tuple(
@@ -507,20 +507,16 @@ class _Walker:
         kernel, "conv", lhs, in_features=in_f, out_features=out_f,
         kernel_size=ksize, strides=tuple(eqn.params["window_strides"]),
         in_hw=tuple(lshape[d] for d in dn.lhs_spec[2:]), out_hw=out_hw,
-        macs=macs,
-        params=int(np.prod(rshape)))
+        macs=macs, params=int(np.prod(rshape)))
     return _Act(frozenset({path}), dn.out_spec[1], None, lhs.trail + (path,))
 
   def _dense(self, eqn, ins) -> _Act:
     lhs, rhs = ins
     x_first = isinstance(lhs, _Act)
     x, w = (lhs, rhs) if x_first else (rhs, lhs)
-    if isinstance(w, _Act) or not isinstance(w, _Param):
-      return self._unaligned(lhs.flow | rhs.flow if isinstance(rhs, _Act)
-                             else x.flow, x.trail)
     kernel = self._kernel_of(w, "dot_general")
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    xc, wc = (lc, rc) if x_first else (rc, lc)
+    xc = lc if x_first else rc
     xshape = eqn.invars[0 if x_first else 1].aval.shape
     wshape = eqn.invars[1 if x_first else 0].aval.shape
     oshape = eqn.outvars[0].aval.shape
@@ -534,7 +530,7 @@ class _Walker:
                         strides=(1, 1), in_hw=(1, 1), out_hw=(1, 1),
                         macs=macs, params=int(np.prod(wshape)))
     # dot_general output: x's free dims then w's free dims; units are last.
-    return _Act(frozenset({path}), len(oshape) - 1, None, x.trail)
+    return _Act(frozenset({path}), len(oshape) - 1, None, x.trail + (path,))
 
   def _note_norm(self, eqn, ins, acts) -> None:
     """Records a norm the first time its variables meet an activation."""
@@ -580,7 +576,6 @@ def _analyze(model, hw: tuple[int, int], channels: int) -> ModelStructure:
   x = jax.ShapeDtypeStruct((1,) + hw + (channels,), jnp.float32)
   variables = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False), x)
-  variables = {k: v for k, v in variables.items()}
   leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
   paths = [_leaf_path(kp) for kp, _ in leaves]
   norm_modules = frozenset(p[1:-1] for p in paths
@@ -592,7 +587,7 @@ def _analyze(model, hw: tuple[int, int], channels: int) -> ModelStructure:
       _Act(frozenset(), 3, None, ())]
   outs = walker.run(closed.jaxpr, [None] * len(closed.consts), args)
   out_flow = frozenset().union(*[o.flow for o in outs if isinstance(o, _Act)])
-  walker._tie(out_flow)
+  walker.tie(out_flow)
 
   param_count = {p: int(np.prod(l.shape)) for p, (_, l) in zip(paths, leaves)
                  if p[0] == "params"}
@@ -613,7 +608,7 @@ def _analyze(model, hw: tuple[int, int], channels: int) -> ModelStructure:
   # Spaces.
   groups: dict[Path, set[Path]] = {}
   for p in producers:
-    groups.setdefault(walker._find(p), set()).add(p)
+    groups.setdefault(walker.find(p), set()).add(p)
   spaces = tuple(frozenset(g) for g in sorted(
       groups.values(), key=lambda g: min(recs[p]["order"] for p in g)))
   space_index = {p: i for i, s in enumerate(spaces) for p in s}
@@ -680,6 +675,11 @@ def _lookup(tree: Mapping[str, Any] | None, path: Path) -> Any:
   return node
 
 
+def _concrete(x: Any) -> Any:
+  """None for an abstract leaf (``jax.eval_shape`` output): values unknown."""
+  return None if isinstance(x, jax.ShapeDtypeStruct) else x
+
+
 def connectivity(layer: LayerInfo, masks: Mapping[str, Any] | None,
                  params: Mapping[str, Any] | None = None) -> np.ndarray:
   """Boolean (in_features, out_features): which kernels (i, o) are nonzero.
@@ -689,7 +689,8 @@ def connectivity(layer: LayerInfo, masks: Mapping[str, Any] | None,
     masks: the ``masks`` collection (None: dense).
     params: the ``params`` collection; when given, a kernel also counts as
       removed when all its weights are zero (``sum_hw |W * mask| == 0``, the
-      reference's survival test).
+      reference's survival test). Abstract leaves (``jax.ShapeDtypeStruct``)
+      of either tree count as dense.
 
   Returns:
     The boolean matrix.
@@ -697,10 +698,10 @@ def connectivity(layer: LayerInfo, masks: Mapping[str, Any] | None,
   if layer.kind == "norm":
     raise ValueError(f"{layer.name} is a norm; connectivity is for conv/dense")
   conn = np.ones((layer.in_features, layer.out_features), bool)
-  mask = _lookup(masks, layer.path + ("kernel",))
+  mask = _concrete(_lookup(masks, layer.path + ("kernel",)))
   if mask is not None:
     conn &= np.asarray(mask).reshape(conn.shape) != 0
-  kernel = _lookup(params, layer.kernel_path[1:])
+  kernel = _concrete(_lookup(params, layer.kernel_path[1:]))
   if kernel is not None:
     w = np.abs(np.asarray(kernel, np.float64))
     w = w.reshape((-1,) + conn.shape).sum(axis=0)
@@ -716,10 +717,10 @@ def norm_alive(layer: LayerInfo, masks: Mapping[str, Any] | None,
   outputs its bias whatever its input is.
   """
   alive = np.ones((layer.out_features,), bool)
-  mask = _lookup(masks, layer.path + ("scale",))
+  mask = _concrete(_lookup(masks, layer.path + ("scale",)))
   if mask is not None:
     alive &= np.asarray(mask) != 0
-  scale = _lookup(params, layer.path + ("scale",))
+  scale = _concrete(_lookup(params, layer.path + ("scale",)))
   if scale is not None:
     alive &= np.asarray(scale) != 0
   return alive

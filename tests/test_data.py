@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from training import augment
 from training import data
 from training import datasets
+from training.datasets import _base as dataset_base
 
 # Jitted once per shape: eager calls would compile every op separately.
 _crop_flip = jax.jit(augment.random_crop_flip, static_argnums=2)
@@ -161,6 +163,54 @@ def test_tfds_prefix_reads_a_prepared_dataset(cifar10_dir):
     data.prepare("tfds:dsp_ddrop_cifar100", root)
 
 
+def _png(image):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  buffer.seek(0)
+  return buffer
+
+
+def test_cifar10_falls_back_to_stock_tfds_array_record(tmp_path):
+  """A stock ``cifar10`` prepared in array_record is read when no archive is.
+
+  The stock builder class writes it, with its own features (PNG images, text
+  ids), from in-memory examples: preparing it the stock way needs TensorFlow.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from tensorflow_datasets.image_classification import cifar
+  arrays = _fake_cifar("cifar10", seed=2)
+
+  class StockCifar10(cifar.Cifar10, skip_registration=True):
+    name = "cifar10"
+    # Like ours, avoids tfds's importlib_resources lookup of the code path.
+    code_path = dataset_base.LocalBuilder.code_path
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples(split) for split in arrays}
+
+    def _generate_examples(self, split):
+      for i, (image, label) in enumerate(zip(arrays[split]["image"],
+                                             arrays[split]["label"])):
+        yield i, {"id": f"{split}_{i:05d}", "image": _png(image),
+                  "label": int(label)}
+
+  data_dir = str(tmp_path)
+  StockCifar10(data_dir=data_dir, file_format="array_record"
+              ).download_and_prepare(download_config=tfds.download
+                                     .DownloadConfig(try_download_gcs=False))
+  data.prepare("cifar10", data_dir)  # Already prepared: nothing to do.
+  assert data._builder("cifar10", data_dir).name == "cifar10"
+  info = data.get_info("cifar10", data_dir)
+  assert info.splits == _SIZES["cifar10"] and info.num_classes == 10
+  for name in ("cifar10", "tfds:cifar10"):
+    src = data.source(name, "test", data_dir)
+    got = {src[i]["image"].tobytes(): src[i]["label"] for i in range(len(src))}
+    want = {im.tobytes(): l for im, l in zip(arrays["test"]["image"],
+                                             arrays["test"]["label"])}
+    assert got == want
+
+
 def test_digits_splits_rule_and_stats(digits_dir):
   info = data.get_info("digits", digits_dir)
   assert info.splits == {"train": 1257, "validation": 180, "test": 360}
@@ -232,9 +282,11 @@ def test_train_loader_labels_match_images(cifar10_dir):
       batch["label"])
 
 
-def test_train_loader_state_round_trips_across_epochs(cifar10_dir):
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_train_loader_state_round_trips_across_epochs(cifar10_dir, in_memory):
   root, _ = cifar10_dir
-  kwargs = dict(global_batch_size=4, seed=7, process_index=0, process_count=1)
+  kwargs = dict(global_batch_size=4, seed=7, process_index=0, process_count=1,
+                in_memory=in_memory)
   it = iter(data.train_loader("cifar10", "train", root, **kwargs))
   for _ in range(8):  # 10 batches per epoch: resume near the boundary.
     next(it)

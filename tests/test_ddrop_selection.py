@@ -46,24 +46,6 @@ class TinyVgg(nn.Module):
     return Classifier(name="classifier")(jnp.mean(x, axis=(1, 2)), train)
 
 
-class Block(nn.Module):
-  """torchvision BasicBlock (2 convs) or Bottleneck (3 convs)."""
-
-  widths: tuple[int, ...]
-  shortcut: bool = False
-
-  @nn.compact
-  def __call__(self, x, train):
-    y = x
-    for i, w in enumerate(self.widths, 1):
-      y = L.Conv(w, 3, 1, 1, name=f"conv{i}")(y)
-      y = L.BatchNorm(name=f"bn{i}")(y, train)
-      y = nn.relu(y) if i < len(self.widths) else y
-    if self.shortcut:
-      x = L.Conv(self.widths[-1], 1, 1, 0, name="0")(x)  # placeholder renamed
-    return nn.relu(x + y)
-
-
 class Downsample(nn.Module):
   features: int
 
@@ -111,8 +93,16 @@ class TinyTvResNet(nn.Module):
 
 
 def init(model, size=8):
-  return model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)),
-                    train=False)
+  """Variables of ``model`` (jitted: op-by-op init is slow on CPU)."""
+  return jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
+      jnp.zeros((2, size, size, 3)))
+
+
+def shapes(model, size=8):
+  """Variable shapes only: selection needs nothing else."""
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x,
+                                             train=False),
+                        jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
 
 
 def names(layers):
@@ -130,7 +120,7 @@ def test_dsp_cifar_resnet_selects_bn_a_of_every_block():
 
 
 def test_torchvision_resnet_basic_and_bottleneck_rules():
-  variables = init(TinyTvResNet())
+  variables = shapes(TinyTvResNet())
   layers = dd.ddrop_layers(variables)
   assert names(layers) == ["layer1.0.bn1", "layer1.1.bn1", "layer2.0.bn1",
                            "layer2.0.bn2"]
@@ -144,11 +134,12 @@ def test_torchvision_resnet_basic_and_bottleneck_rules():
 
 
 def test_vgg_rule_features_norms_and_hidden_linears_only():
-  variables = init(TinyVgg())
+  variables = shapes(TinyVgg())
   layers = dd.ddrop_layers(variables)
-  assert names(layers) == ["features.1", "features.4", "classifier.0",
-                           "classifier.4"]
-  feats, fcs = layers[:2], layers[2:]
+  # natural path order: 'classifier' sorts before 'features'
+  assert names(layers) == ["classifier.0", "classifier.4", "features.1",
+                           "features.4"]
+  fcs, feats = layers[:2], layers[2:]
   assert [l.producer[-1] for l in feats] == ["0", "3"]
   assert all(l.kind == "dense" and l.producer == l.path for l in fcs)
   assert [l.norm[-1] for l in fcs] == ["1", "5"]  # follower LayerNorms
@@ -158,7 +149,7 @@ def test_vgg_rule_features_norms_and_hidden_linears_only():
 
 def test_layers_from_module_params_or_variables_agree():
   model = models.create_model("cifar_resnet8")
-  variables = init(model, 32)
+  variables = shapes(model, 32)
   assert dd.ddrop_layers(model) == dd.ddrop_layers(variables)
   assert dd.ddrop_layers(variables["params"]) == dd.ddrop_layers(variables)
 
@@ -222,9 +213,9 @@ def test_vgg_linear_units_are_dropped_and_pruned_with_their_layernorm():
   # keep = 0 everywhere: the hidden Linear outputs are all dropped, so the
   # classifier output is the output Linear's bias (the LayerNorm of an
   # all-zero input returns its bias, zero at init).
-  out = model.apply({**variables, "ddrop": keep}, jnp.ones((2, 8, 8, 3)),
-                    train=True, mutable=["batch_stats"],
-                    rngs={"ddrop": jax.random.key(1)})[0]
+  out = jax.jit(lambda v: model.apply(
+      v, jnp.ones((2, 8, 8, 3)), train=True, mutable=["batch_stats"],
+      rngs={"ddrop": jax.random.key(1)})[0])({**variables, "ddrop": keep})
   bias = variables["params"]["classifier"]["8"]["bias"]
   np.testing.assert_allclose(out, jnp.broadcast_to(bias, out.shape), atol=1e-6)
   pruned = dd.prune(variables, layers, cfg)

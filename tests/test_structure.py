@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 import models
-from models import structure
+from models import layers
 
 
 def _p(name: str) -> tuple[str, ...]:
@@ -41,7 +42,8 @@ def test_cifar_resnet20_layers_roles_and_blocks():
   assert s[_p("stage_2.0.conv_a")].norm == _p("stage_2.0.bn_a")
   assert s[_p("stage_2.0.downsample.0")].norm == _p("stage_2.0.downsample.1")
   assert s[_p("stage_2.0.downsample.1")].shortcut
-  assert s[_p("classifier")].kind == "dense" and s[_p("classifier")].norm is None
+  classifier = s[_p("classifier")]
+  assert classifier.kind == "dense" and classifier.norm is None
   # Blocks: 9, identity shortcut except the first block of stages 2 and 3.
   assert len(s.blocks) == 9
   b = s.blocks[3]
@@ -214,6 +216,34 @@ def _random_masks(s, masks, rng: np.random.Generator):
   return masks, killed
 
 
+def random_variables(model, image_size: int, rng: np.random.Generator):
+  """Random variables in numpy (no JAX compilation): He-scaled kernels,
+  non-trivial norm parameters and statistics (so that biases matter), masks
+  of ones."""
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
+      train=False))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+
+  def fill(path, shape):
+    col, leaf = path[0].key, path[-1].key
+    n = rng.normal(size=shape.shape)
+    if col == "params" and leaf == "kernel":
+      n = n * np.sqrt(2.0 / np.prod(shape.shape[:-1]))
+    elif col == "params" and leaf == "scale":
+      n = 1.0 + 0.2 * n
+    elif col == "batch_stats" and leaf == "var":
+      n = rng.uniform(0.5, 1.5, shape.shape)
+    elif col in ("params", "batch_stats"):
+      n = 0.2 * n
+    else:
+      n = np.ones(shape.shape)
+    return n.astype(shape.dtype)
+
+  return jax.tree_util.tree_unflatten(
+      treedef, [fill(kp, leaf) for kp, leaf in flat])
+
+
 def _get(tree, path):
   for k in path:
     tree = tree[k]
@@ -223,16 +253,10 @@ def _get(tree, path):
 @pytest.mark.parametrize("name,model", _tiny_models(),
                          ids=[n for n, _ in _tiny_models()])
 def test_dead_channels_do_not_affect_logits(name, model):
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  variables = jax.jit(lambda x: model.init(jax.random.key(0), x,
-                                           train=False))(x[:1])
-  # Non-trivial norm parameters and statistics so that biases matter.
-  k = iter(jax.random.split(jax.random.key(2), 1000))
-  variables["params"] = jax.tree.map(
-      lambda p: p + 0.3 * jax.random.normal(next(k), p.shape),
-      variables["params"])
-  s = models.analyze(model, 32)
   rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  variables = random_variables(model, 32, rng)
+  s = models.analyze(model, 32)
   masks, killed = _random_masks(s, variables["masks"], rng)
   dead = models.dead_channels(s, masks)
   assert set(dead) == {l.path for l in s.producers}
@@ -287,3 +311,68 @@ def test_dead_channels_rules_on_cifar_resnet8():
   full = models.dead_channels(s, masks)
   assert not one[_p("stage_1.0.conv_a")][0]
   assert full[_p("stage_1.0.conv_a")][0]
+
+
+class _NchwFlattenNet(nn.Module):
+  """conv -> BN -> ReLU -> NCHW flatten (PyTorch order) -> dense -> dense."""
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = layers.Conv(4, 3, 2, 1, name="conv")(x)
+    x = nn.relu(layers.BatchNorm(name="bn")(x, train))
+    x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+    x = nn.relu(layers.Dense(6, name="fc1")(x))
+    return layers.Dense(3, name="fc2")(x)
+
+
+class _ConcatNet(nn.Module):
+  """Two convs concatenated on the channel axis (a channel-mixing op)."""
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    a = layers.Conv(2, 3, 1, 1, name="a")(x)
+    b = layers.Conv(2, 3, 1, 1, name="b")(x)
+    x = jnp.concatenate([a, b], axis=-1).mean(axis=(1, 2))
+    return layers.Dense(3, name="fc")(x)
+
+
+def test_nchw_flatten_maps_features_to_channels_and_dead_channels():
+  model = _NchwFlattenNet()
+  s = models.analyze(model, 8)
+  fc1 = s[("fc1",)]
+  # (B, C, H, W) flatten: feature f carries channel f // (H * W).
+  assert fc1.in_features == 4 * 16 and fc1.repeat == 16
+  np.testing.assert_array_equal(fc1.channel_map(), np.arange(64) // 16)
+  assert fc1.inputs == (("conv",),) and s[("conv",)].norm == ("bn",)
+  assert not s.blocks and s.outputs == frozenset([("fc2",)])
+  rng = np.random.default_rng(0)
+  variables = random_variables(model, 8, rng)
+  masks = jax.tree.map(np.array, variables["masks"])
+  masks["fc1"]["kernel"][16:32, :] = 0  # channel 1: every feature masked
+  masks["fc1"]["kernel"][32:40, :] = 0  # channel 2: half of its features
+  dead = models.dead_channels(s, masks)
+  assert np.flatnonzero(dead[("conv",)]).tolist() == [1]
+  x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+  v = {**variables, "masks": masks}
+  base = model.apply(v, x, train=False)
+  zeroed = models.zero_dead(s, variables["params"], dead)
+  np.testing.assert_allclose(model.apply({**v, "params": zeroed}, x,
+                                         train=False), base, atol=1e-6)
+
+
+def test_channel_concat_is_mixed_and_never_dead():
+  s = models.analyze(_ConcatNet(), 8)
+  assert s.mixed == frozenset([("a",), ("b",)])
+  assert not s[("fc",)].aligned
+  masks = {"fc": {"kernel": np.zeros((4, 3))},
+           "a": {"kernel": np.ones((3, 2))}, "b": {"kernel": np.ones((3, 2))}}
+  dead = models.dead_channels(s, masks)
+  assert not np.any(dead[("a",)]) and not np.any(dead[("b",)])
+
+
+def test_gated_model_has_the_same_structure():
+  plain = models.analyze(models.create_model("cifar_resnet8"), 32)
+  gated = models.analyze(models.create_model("cifar_resnet8", groups=2), 32)
+  assert list(plain.layers) == list(gated.layers)
+  assert [l.path for l in gated.taking_part] == [
+      l.path for l in plain.taking_part]

@@ -26,7 +26,14 @@ Which data ``"cifar10"``/``"cifar100"`` read (first rule that applies):
 
 ``data_dir`` defaults to ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
 Datasets are prepared on first use (``prepare`` does it explicitly; it is
-idempotent). Nothing here downloads anything or needs TensorFlow.
+idempotent; on several hosts sharing one ``data_dir``, prepare on one host
+first). Nothing here downloads anything or needs TensorFlow; reading tfds's
+stock datasets (PNG-encoded images) needs Pillow.
+
+Throughput: reading decodes one record at a time (about 0.1 ms each on one
+core). For CIFAR-sized data pass ``in_memory=True`` (the split is decoded once
+into numpy arrays, ~150 MB for CIFAR train, then batches are gathered
+vectorised) or ``worker_count`` > 0.
 
 Records are ``{"image": uint8 [H, W, C], "label": int}``; batches are
 ``{"image": uint8 [b, H, W, C], "label": int32 [b]}`` (plus a boolean
@@ -39,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 from typing import Any, Iterator, Sequence
 
 from absl import flags
@@ -127,13 +133,19 @@ def _builder(name: str, data_dir: str | None,
   if name != "digits":
     own_kwargs["archive_dirs"] = archive_dirs
   own = _BUILDERS[name](**own_kwargs)
-  if (name == "digits" or own.is_prepared()
+  if (name == "digits" or _prepared(own)
       or datasets.find_archive(name, archive_dirs) is not None):
     return own
   stock = tfds.builder(name, data_dir=data_dir)
-  if stock.is_prepared() and _is_array_record(stock):
+  if _prepared(stock) and _is_array_record(stock):
     return stock
   return own
+
+
+def _prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  # Checked first: tfds logs a warning for every absent variant folder.
+  return ((builder.data_path / "dataset_info.json").exists()
+          and builder.is_prepared())
 
 
 def _is_array_record(builder: tfds.core.DatasetBuilder) -> bool:
@@ -155,7 +167,7 @@ def prepare(name: str, data_dir: str | None = None, *,
     ValueError: unknown name, or a ``tfds:`` dataset not in array_record.
   """
   builder = _builder(name, data_dir, manual_dir)
-  if builder.is_prepared():
+  if _prepared(builder):
     if not _is_array_record(builder):
       raise ValueError(
           f"Dataset {name!r} at {builder.data_dir} is stored as "
@@ -330,9 +342,9 @@ def get_info(name: str, data_dir: str | None = None, *,
     The ``DatasetInfo``.
   """
   builder = _builder(name, data_dir, manual_dir)
-  if not builder.is_prepared() and name not in _NOMINAL_SPLITS:
+  if not _prepared(builder) and name not in _NOMINAL_SPLITS:
     prepare(name, data_dir, manual_dir=manual_dir)  # Raises: not prepared.
-  if builder.is_prepared():
+  if _prepared(builder):
     splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   else:
     splits = dict(_NOMINAL_SPLITS[name])
@@ -462,13 +474,32 @@ def train_loader(name: str, split: str, data_dir: str | None = None, *,
   sampler = grain.samplers.IndexSampler(
       num_records=len(src), shard_options=shard_options, shuffle=shuffle,
       num_epochs=num_epochs, seed=seed)
+  if isinstance(src, ArraySource):
+    # Records are indices, gathered a whole batch at a time: grain's
+    # per-record cost then stays small next to the arrays' fancy indexing.
+    operations = [grain.transforms.Batch(local, drop_remainder=True),
+                  _Gather(src)]
+    src = grain.sources.RangeDataSource(0, len(src), 1)
+  else:
+    operations = [grain.transforms.Batch(local, drop_remainder=True,
+                                         batch_fn=stack_records)]
   return grain.DataLoader(
-      data_source=src, sampler=sampler,
-      operations=[grain.transforms.Batch(local, drop_remainder=True,
-                                         batch_fn=stack_records)],
+      data_source=src, sampler=sampler, operations=operations,
       worker_count=worker_count, worker_buffer_size=worker_buffer_size,
       read_options=read_options or grain.ReadOptions(
           num_threads=1, prefetch_buffer_size=2 * local))
+
+
+class _Gather(grain.transforms.Map):
+  """Maps a batch of indices to those examples of an ``ArraySource``."""
+
+  def __init__(self, arrays: ArraySource):
+    self._arrays = arrays
+
+  def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    indices = np.asarray(indices)
+    return {"image": self._arrays.images[indices],
+            "label": self._arrays.labels[indices]}
 
 
 def num_eval_batches(num_examples: int, batch_size: int,

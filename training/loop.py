@@ -140,6 +140,10 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
     if saved.get("data") is not None:
       iterator.set_state(saved["data"].encode())
     writer.truncate(name, int(state.step) - progress["first_step"])
+    if jax.process_index() == 0:
+      print(f"{name}: resuming from step "
+            f"{int(state.step) - progress['first_step']} "
+            f"({ckpt.directory})", flush=True)
   first = progress["first_step"]
   done = int(state.step) - first
   end = num_steps if not config["max_steps"] else min(num_steps,

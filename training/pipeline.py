@@ -157,7 +157,12 @@ def model_figures(model: Any, variables: Mapping[str, Any],
   except ImportError:
     return out
   figures = flops.report(model, variables, image_size)
-  out.update(figures if isinstance(figures, Mapping) else {"macs": figures})
+  if dataclasses.is_dataclass(figures):
+    # The per-layer table is for the pruning pipelines; the run report keeps
+    # the whole-model figures.
+    figures = {f.name: getattr(figures, f.name)
+               for f in dataclasses.fields(figures) if f.name != "per_layer"}
+  out.update(figures)
   return out
 
 

@@ -26,9 +26,14 @@ import jax
 
 
 def _scalar(v: Any) -> Any:
-  if hasattr(v, "item"):
-    v = v.item()
-  return v
+  """A JSON-friendly value (json ``default=``: never returns ``v`` itself)."""
+  if hasattr(v, "item") and getattr(v, "size", 1) == 1:
+    return v.item()
+  if hasattr(v, "tolist"):
+    return v.tolist()
+  if isinstance(v, (tuple, set)):
+    return list(v)
+  return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
 
 
 def _tb_writer(logdir: pathlib.Path):
@@ -114,6 +119,13 @@ def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> dict[str, Any]:
   return dst
 
 
+# Entries the summary table shows in its own format (or not at all).
+_SUMMARY_SKIP = ("method", "model", "dataset", "params", "macs", "stages",
+                 "config", "workdir", "dsp_pflops", "dsp_pparams",
+                 "macs_dense", "params_dense", "pflops_whole_model",
+                 "pparams_whole_model")
+
+
 class Report:
   """The run summary (``report.json``).
 
@@ -170,8 +182,12 @@ class Report:
       lines.append(f"{name:<12}{s.get('steps', 0):>8}"
                    f"{s.get('seconds', 0.0):>10.1f}{fmt(final):>11}"
                    f"{fmt(best):>10}")
+    if d.get("dsp_pflops") or d.get("pflops_whole_model"):
+      lines.append(f"pruned FLOPs: {d.get('dsp_pflops', 0.0):.2f}% (DSP "
+                   f"measure), {d.get('pflops_whole_model', 0.0):.2f}% (whole "
+                   f"model); pruned params: {d.get('dsp_pparams', 0.0):.2f}% / "
+                   f"{d.get('pparams_whole_model', 0.0):.2f}%")
     for k, v in d.items():
-      if k not in ("method", "model", "dataset", "params", "macs", "stages",
-                   "config", "workdir"):
+      if k not in _SUMMARY_SKIP:
         lines.append(f"{k}: {json.dumps(v, default=_scalar)[:200]}")
     return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Fine-tuning pieces of DSP (spec §3, end): masks, best-so-far, re-prune.
+
+The training loop applies ``apply_masks`` after every optimizer step, keeps
+the best weights with ``update_best``, and between cycles calls ``reprune``
+and builds a fresh optimizer with ``cycle_optimizer``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsp_jax import layer_info as li
+from dsp_jax import pruning as prune_lib
+
+PyTree = Any
+Array = jax.Array
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+  """``W ← W ⊙ mask``; every norm bias zeroed where its (masked) γ is 0.
+
+  Conv kernel masks ``(I, O)`` broadcast over the spatial kernel, dense masks
+  ``(in, out)`` multiply the kernel, norm masks ``(C,)`` multiply γ and β.
+  Pure and jittable; modules without a mask pass through, but every norm's
+  bias is still zeroed where its γ is exactly 0 (as the reference does after
+  each fine-tuning step).
+
+  Args:
+    params: the ``params`` tree.
+    masks: a (possibly partial) ``masks`` collection.
+
+  Returns:
+    The masked params.
+  """
+
+  def walk(p, m):
+    out = {}
+    for k, v in p.items():
+      mk = m.get(k) if m is not None else None
+      if hasattr(v, "items"):
+        out[k] = walk(v, mk if hasattr(mk, "items") else None)
+      elif k == "kernel" and mk is not None:
+        out[k] = v * (mk[None, None] if v.ndim == 4 else mk).astype(v.dtype)
+      elif k in ("scale", "bias") and "scale" in p and m is not None and (
+          "scale" in m):
+        out[k] = v * m["scale"].astype(v.dtype)
+      else:
+        out[k] = v
+    if "scale" in p and "bias" in p and not hasattr(p["scale"], "items"):
+      out["bias"] = jnp.where(out["scale"] == 0, 0, out["bias"]).astype(
+          p["bias"].dtype)
+    return out
+
+  return walk(params, masks)
+
+
+class Best(NamedTuple):
+  """Best-so-far fine-tuning result (higher ``metric`` is better)."""
+
+  metric: float
+  epoch: int
+  params: PyTree
+  batch_stats: PyTree
+  p_flops: float
+
+
+def update_best(best: Best | None, metric: float, epoch: int, params: PyTree,
+                batch_stats: PyTree, p_flops: float) -> Best:
+  """Returns the better of ``best`` and the new result (ties keep the old).
+
+  Args:
+    best: the current best, or None.
+    metric: selection metric of the new result (validation accuracy).
+    epoch: its epoch.
+    params: its params (copied to host memory).
+    batch_stats: its BN statistics.
+    p_flops: its reference P.FLOPS.
+
+  Returns:
+    The best result.
+  """
+  if best is not None and not metric > best.metric:
+    return best
+  host = lambda t: jax.tree.map(lambda x: jax.device_get(x), t)
+  return Best(float(metric), int(epoch), host(params), host(batch_stats),
+              float(p_flops))
+
+
+def reprune(best: Best, gates: PyTree, info: li.LayerInfo, *, groups: int,
+            fp_every: int = 2, fp_layers: Sequence[int] | None = None,
+            parity: bool = True) -> prune_lib.PruneResult:
+  """Between cycles: re-run the rate search at (best P.FLOPS / 100 + 0.001).
+
+  Args:
+    best: the best result so far (its weights are the search's start).
+    gates: the group logits.
+    info: the taking-part layers.
+    groups: G.
+    fp_every: n of the filter-pruning rule.
+    fp_layers: explicit fp layer indices.
+    parity: keep the cnt_g = 0 defect.
+
+  Returns:
+    The new prune (params and masks for the next cycle).
+  """
+  return prune_lib.prune(best.params, gates, info, groups=groups,
+                         rate=best.p_flops / 100.0 + 0.001, fp_every=fp_every,
+                         fp_layers=fp_layers, parity=parity)
+
+
+def cycle_schedule(lr: float, epochs: int, steps_per_epoch: int):
+  """Cosine learning rate over one cycle, stepped per epoch."""
+
+  def schedule(step):
+    epoch = jnp.floor_divide(step, steps_per_epoch)
+    return lr * 0.5 * (1 + jnp.cos(math.pi * epoch / epochs))
+
+  return schedule
+
+
+def cycle_optimizer(lr: float = 0.015, epochs: int = 80,
+                    steps_per_epoch: int = 391, momentum: float = 0.9,
+                    weight_decay: float = 1e-3) -> optax.GradientTransformation:
+  """A fresh fine-tuning optimizer for one cycle (SGD, coupled decay)."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.sgd(cycle_schedule(lr, epochs, steps_per_epoch), momentum))
