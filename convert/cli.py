@@ -5,8 +5,9 @@
   + ``DIR/model.json`` (``convert.jax_side.load_variables`` reads them back).
   State dicts of the DSP CifarResNet are recognised from their keys; other
   architectures need ``--model NAME``.
-* ``export VARIABLES_DIR --out DIR``: a converted-variables directory (or a
-  run's exported variables in that format) -> the packed files of
+* ``export SRC_DIR --out DIR``: a converted-variables directory or a run's
+  stage directory (``workdir/<stage>``: ``meta.json`` + orbax checkpoints;
+  ``--which best|latest``) -> the packed files of
   ``convert.dsp.export_packed`` and, with ``--stage``, the reference-format
   ``[state_dict, accuracy]`` file.
 * ``inspect SRC``: module tree, branches per block, FLOPs and parameters by
@@ -90,11 +91,31 @@ def import_file(src: str | pathlib.Path, out: str | pathlib.Path,
   return {"model": model_name, "meta": meta}
 
 
-def export_dir(variables_dir: str | pathlib.Path, out: str | pathlib.Path,
+def export_dir(source: str | pathlib.Path, out: str | pathlib.Path,
                stage: str | None = None, accuracy: float = 0.0,
-               program: bool = True) -> dsp.ExportResult:
-  """Exports a variables directory (see ``jax_side.save_variables``)."""
-  model, variables, info = jax_side.load_variables(variables_dir)
+               program: bool = True, which: str = "best") -> dsp.ExportResult:
+  """Exports a variables directory or a training stage directory.
+
+  Args:
+    source: a ``jax_side.save_variables`` directory (``model.json``) or a
+      run's stage directory (``meta.json``, orbax checkpoints).
+    out: output directory.
+    stage: also write the reference-format file of this stage.
+    accuracy: the accuracy stored in the reference-format file.
+    program: also write the ``.pt2`` program.
+    which: ``best`` or ``latest`` checkpoint of a stage directory.
+
+  Returns:
+    The export result.
+  """
+  source = pathlib.Path(source)
+  if (source / "meta.json").is_file() and not (source / "model.json").is_file():
+    name, classes, overrides, variables = jax_side.load_stage_checkpoint(
+        source, which)
+    model = models.create_model(name, classes, **overrides)
+    info: dict[str, Any] = {"model": name}
+  else:
+    model, variables, info = jax_side.load_variables(source)
   family = models.model_spec(info["model"]).family
   if family != jax_side.FAMILY:
     raise ValueError(f"DSP packing supports the {jax_side.FAMILY} family; "
@@ -137,7 +158,7 @@ def inspect(src: str | pathlib.Path, model_name: str | None = None) -> str:
   family = models.model_spec(name).family
   lines = [f"{src}: {name} ({family})"]
   for layer in tables.find_layers(variables, family):
-    k = tables._get(variables[tables.PARAMS],  # pylint: disable=protected-access
+    k = tables.get_path(variables[tables.PARAMS],
                     layer.path + ("scale" if "norm" in layer.kind else "kernel",))
     lines.append(f"  {layer.name:<28} {layer.kind:<9} {tuple(np.shape(k))}")
   if branches is None and family == jax_side.FAMILY:
@@ -164,8 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", required=True)
   p.add_argument("--model", help="registry name (state dicts of other "
                  "architectures than the DSP CifarResNet)")
-  p = sub.add_parser("export", help="variables dir -> packed files")
-  p.add_argument("variables")
+  p = sub.add_parser("export", help="variables or run stage dir -> packed "
+                     "files")
+  p.add_argument("variables", help="a variables directory (model.json) or a "
+                 "run's stage directory (meta.json + checkpoints)")
+  p.add_argument("--which", choices=("best", "latest"), default="best",
+                 help="checkpoint of a stage directory")
   p.add_argument("--out", required=True)
   p.add_argument("--stage", choices=reference.STAGES,
                  help="also write the reference-format state dict")
@@ -185,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{info['meta']['max_abs_diff']:.3g}")
     elif args.command == "export":
       r = export_dir(args.variables, args.out, args.stage, args.accuracy,
-                     not args.no_program)
+                     not args.no_program, args.which)
       for k, path in r.files.items():
         print(f"wrote {path}")
       for k, d in r.max_abs_diff.items():

@@ -77,10 +77,10 @@ def dense_state_dict(variables: Mapping[str, Any],
           np.array(masks[conv][:, :, None, None], copy=True))
   # BN masks are not part of the reference format: fold them into the tensors.
   folded = packing.apply_masks(v)
-  for path, _ in tables._leaves(v.get(tables.MASKS, {})):  # pylint: disable=protected-access
+  for path, _ in tables.leaves(v.get(tables.MASKS, {})):
     if path[-1] == "scale":
       name = ".".join(path[:-1])
-      p = tables._get(folded[tables.PARAMS], path[:-1])  # pylint: disable=protected-access
+      p = tables.get_path(folded[tables.PARAMS], path[:-1])
       out[name + ".weight"] = torch.from_numpy(np.array(p["scale"]))
       out[name + ".bias"] = torch.from_numpy(np.array(p["bias"]))
   return out

@@ -29,14 +29,14 @@ FAMILY = "cifar_resnet"
 # ------------------------------------------------------------------ pytrees
 def flatten(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """``{'a/b/c': array}`` of a nested dict of arrays."""
-  return {"/".join(p): np.asarray(v) for p, v in tables._leaves(tree)}  # pylint: disable=protected-access
+  return {"/".join(p): np.asarray(v) for p, v in tables.leaves(tree)}
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   """Inverse of ``flatten``."""
   out: dict[str, Any] = {}
   for k, v in flat.items():
-    tables._set(out, tuple(k.split("/")), np.asarray(v))  # pylint: disable=protected-access
+    tables.set_path(out, tuple(k.split("/")), np.asarray(v))
   return out
 
 
@@ -81,9 +81,9 @@ def conv_masks_oi(variables: Mapping[str, Any], names: list[str]
   out = {}
   for name in names:
     path = tuple(name.split("."))
-    m = tables._get(variables.get(tables.MASKS, {}), path + ("kernel",))  # pylint: disable=protected-access
+    m = tables.get_path(variables.get(tables.MASKS, {}), path + ("kernel",))
     if m is None:
-      k = tables._get(variables[tables.PARAMS], path + ("kernel",))  # pylint: disable=protected-access
+      k = tables.get_path(variables[tables.PARAMS], path + ("kernel",))
       m = np.ones(k.shape[2:], np.asarray(k).dtype)
     out[name] = tables.transpose2d(np.asarray(m))
   return out
@@ -136,10 +136,10 @@ def variables_from_plan(plan: packing.PackedResNet
   variables = tables.from_torch(sd, tmpl, FAMILY)
   masks = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), tmpl[tables.MASKS])
   for conv, m in conv_masks.items():
-    tables._set(masks, tuple(conv.split(".")) + ("kernel",),  # pylint: disable=protected-access
+    tables.set_path(masks, tuple(conv.split(".")) + ("kernel",),
                 tables.transpose2d(m))
   for bn, m in bn_masks.items():
-    tables._set(masks, tuple(bn.split(".")) + ("scale",), m)  # pylint: disable=protected-access
+    tables.set_path(masks, tuple(bn.split(".")) + ("scale",), m)
   variables[tables.MASKS] = masks
   return name, overrides, variables
 
@@ -210,3 +210,52 @@ def load_variables(directory: str | os.PathLike
   with np.load(directory / "variables.npz") as z:
     variables = unflatten({k: z[k] for k in z.files})
   return model, variables, info
+
+
+def load_stage_checkpoint(stage_dir: str | os.PathLike, which: str = "best"
+                          ) -> tuple[str, int, dict[str, Any], dict[str, Any]]:
+  """Variables of a training stage directory (``training.checkpoint`` layout).
+
+  Reads ``meta.json`` for the model name and restores the ``state`` item of
+  the best (or latest periodic) checkpoint without a target structure.
+
+  Args:
+    stage_dir: ``workdir/<stage>`` holding ``meta.json`` and ``best/`` /
+      ``steps/``.
+    which: ``'best'`` or ``'latest'``.
+
+  Returns:
+    ``(model_name, num_classes, overrides, variables)``; overrides hold
+    ``groups`` when the state has gates.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  if which not in ("best", "latest"):
+    raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+  stage_dir = pathlib.Path(stage_dir).absolute()
+  meta_path = stage_dir / "meta.json"
+  if not meta_path.is_file():
+    raise FileNotFoundError(f"{stage_dir} is not a training stage directory: "
+                            "no meta.json (expected meta.json, best/, steps/)")
+  meta = json.loads(meta_path.read_text())
+  if "model" not in meta:
+    raise ValueError(f"{meta_path} names no model; found keys {sorted(meta)}")
+  mgr = ocp.CheckpointManager(stage_dir / ("best" if which == "best"
+                                           else "steps"))
+  step = mgr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no {which} checkpoint under {stage_dir}")
+  out = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  state = out.state
+  variables = {k: to_numpy_tree(state[k]) for k in
+               (tables.PARAMS, tables.BATCH_STATS, tables.MASKS, tables.GATES)
+               if state.get(k)}
+  family = models.model_spec(meta["model"]).family
+  dense = [l for l in tables.find_layers(variables, family) if l.kind == "dense"]
+  num_classes = int(tables.get_path(variables[tables.PARAMS],
+                                dense[-1].path + ("kernel",)).shape[1])
+  overrides: dict[str, Any] = {}
+  if tables.GATES in variables:
+    overrides["groups"] = int(next(iter(flatten(
+        variables[tables.GATES]).values())).shape[0])
+  return meta["model"], num_classes, overrides, variables

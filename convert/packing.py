@@ -42,9 +42,9 @@ def apply_masks(variables: Mapping[str, Any]) -> dict[str, Any]:
   out = {k: v for k, v in variables.items() if k != tables.MASKS}
   params = _copy_tree(variables[tables.PARAMS])
   masks = variables.get(tables.MASKS, {})
-  for path, mask in tables._leaves(masks):  # pylint: disable=protected-access
+  for path, mask in tables.leaves(masks):
     mod, leaf = path[:-1], path[-1]
-    p = tables._get(params, mod)  # pylint: disable=protected-access
+    p = tables.get_path(params, mod)
     mask = np.asarray(mask)
     if p is None:
       raise KeyError(f"masks/{'/'.join(path)} has no layer in params")

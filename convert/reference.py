@@ -62,7 +62,7 @@ def to_reference(variables: Mapping[str, Any], stage: str,
   for conv in convs:
     path = tuple(conv.split("."))
     entries = {}
-    logits = tables._get(v.get(tables.GATES, {}), path + ("logits",))  # pylint: disable=protected-access
+    logits = tables.get_path(v.get(tables.GATES, {}), path + ("logits",))
     if stage == "finetuned" and logits is None:
       pass  # e.g. imported from a packed file, which keeps no group logits
     elif stage != "pretrained":
@@ -71,7 +71,7 @@ def to_reference(variables: Mapping[str, Any], stage: str,
                        "(build the model with groups=G)")
       entries["group"] = np.asarray(logits)
     if stage == "finetuned":
-      mask = tables._get(v.get(tables.MASKS, {}), path + ("kernel",))  # pylint: disable=protected-access
+      mask = tables.get_path(v.get(tables.MASKS, {}), path + ("kernel",))
       if mask is None:
         raise KeyError(f"stage 'finetuned' needs masks/{'/'.join(path)}/kernel")
       entries["mask"] = tables.io_mask_to_oi11(np.asarray(mask))
@@ -140,7 +140,7 @@ def from_reference(state_dict: Mapping[str, Any], template: Mapping[str, Any],
                          template[tables.GATES])
     for conv in convs:
       key = conv + ".group"
-      want = tables._get(gates, tuple(conv.split(".")) + ("logits",))  # pylint: disable=protected-access
+      want = tables.get_path(gates, tuple(conv.split(".")) + ("logits",))
       _put(gates, conv, "logits", _need(state_dict, key), want, key)
     variables[tables.GATES] = gates
   if stage == "finetuned":
@@ -149,7 +149,7 @@ def from_reference(state_dict: Mapping[str, Any], template: Mapping[str, Any],
     layers = tables.find_layers(template, family)
     for conv in convs:
       key = conv + ".mask"
-      want = tables._get(masks, tuple(conv.split(".")) + ("kernel",))  # pylint: disable=protected-access
+      want = tables.get_path(masks, tuple(conv.split(".")) + ("kernel",))
       _put(masks, conv, "kernel",
            tables.oi11_to_io_mask(tables.to_numpy(_need(state_dict, key))),
            want, key)
@@ -157,8 +157,8 @@ def from_reference(state_dict: Mapping[str, Any], template: Mapping[str, Any],
       i = [l.name for l in layers].index(conv)
       if i + 1 < len(layers) and layers[i + 1].kind == "batchnorm":
         bn = layers[i + 1]
-        scale = tables._get(variables[tables.PARAMS], bn.path + ("scale",))  # pylint: disable=protected-access
-        tables._set(masks, bn.path + ("scale",),  # pylint: disable=protected-access
+        scale = tables.get_path(variables[tables.PARAMS], bn.path + ("scale",))
+        tables.set_path(masks, bn.path + ("scale",),
                     (np.asarray(scale) != 0).astype(scale.dtype))
     variables[tables.MASKS] = masks
   return variables
@@ -176,7 +176,7 @@ def _put(tree: dict[str, Any], conv: str, leaf: str, value: Any, want: Any,
   if tuple(value.shape) != tuple(want.shape):
     raise ValueError(f"{key}: shape {tuple(value.shape)}, the model needs "
                      f"{tuple(want.shape)}")
-  tables._set(tree, tuple(conv.split(".")) + (leaf,), value.astype(want.dtype))  # pylint: disable=protected-access
+  tables.set_path(tree, tuple(conv.split(".")) + (leaf,), value.astype(want.dtype))
 
 
 def save(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],

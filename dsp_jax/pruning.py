@@ -290,7 +290,8 @@ def _whole_model(info: li.LayerInfo, params: PyTree,
           "pparams_whole_model": rep.pparams_whole_model,
           "macs": rep.macs, "macs_dense": rep.macs_dense,
           "params": rep.params, "params_dense": rep.params_dense,
-          "dsp_pflops": rep.dsp_pflops, "dsp_pparams": rep.dsp_pparams}
+          "dsp_pflops": float(rep.dsp_pflops),
+          "dsp_pparams": float(rep.dsp_pparams)}
 
 
 def prune_at(params: PyTree, gates: PyTree, info: li.LayerInfo, *,
@@ -368,6 +369,12 @@ def prune(params: PyTree, gates: PyTree, info: li.LayerInfo, *, groups: int,
         f"({floor:.2f}% zero kernels) and below 100%")
   beta, trials = rate_search_betas(pruner, rate)
   res = pruner.result(beta)
+  if abs(res.p_flops - 100.0 * rate) > 1.0:
+    warnings.warn(
+        f"DSP rate search ended at P.FLOPS {res.p_flops:.2f}% for a target of "
+        f"{100 * rate:.2f}% (beta={beta:.6g}); P.FLOPS is not monotone in beta "
+        "once whole groups are emptied, so bisection can bracket wrongly for "
+        "low targets", stacklevel=2)
   return dataclasses.replace(res, trajectory=tuple(trials) + (
       (beta, res.p_flops),))
 

@@ -88,15 +88,13 @@ register("cifar_resnet8", "cifar_resnet",
 from models import resnet, vgg  # noqa: E402
 
 
-def _resnet(depth: int, stem: str, image_size: int, num_classes: int,
-            **kw) -> nn.Module:
-  kw.setdefault("image_size", image_size)
+def _resnet(depth: int, stem: str, num_classes: int, **kw) -> nn.Module:
+  kw.setdefault("image_size", 224 if stem == "imagenet" else 32)
   return resnet.resnet(depth, num_classes, stem=stem, **kw)
 
 
-def _vgg(depth: int, head: str, image_size: int, num_classes: int,
-         **kw) -> nn.Module:
-  kw.setdefault("image_size", image_size)
+def _vgg(depth: int, head: str, num_classes: int, **kw) -> nn.Module:
+  kw.setdefault("image_size", 224 if head == "imagenet" else 32)
   return vgg.vgg(depth, num_classes, head=head, **kw)
 
 
@@ -107,14 +105,14 @@ def _tiny(cls: type[nn.Module], fixed: dict[str, Any], num_classes: int,
 
 for _depth in resnet.DEPTHS:
   register(f"resnet{_depth}", "resnet",
-           functools.partial(_resnet, _depth, "imagenet", 224), 224)
+           functools.partial(_resnet, _depth, "imagenet"), 224)
   register(f"cifar_resnet{_depth}", "resnet",
-           functools.partial(_resnet, _depth, "cifar", 32), 32)
+           functools.partial(_resnet, _depth, "cifar"), 32)
 for _depth in vgg.CONFIGS:
   register(f"vgg{_depth}_bn", "vgg",
-           functools.partial(_vgg, _depth, "imagenet", 224), 224)
+           functools.partial(_vgg, _depth, "imagenet"), 224)
   register(f"cifar_vgg{_depth}_bn", "vgg",
-           functools.partial(_vgg, _depth, "cifar", 32), 32)
+           functools.partial(_vgg, _depth, "cifar"), 32)
 register("cifar_resnet10_tiny", "resnet", functools.partial(
     _tiny, resnet.ResNet,
     dict(block="basic", stage_sizes=(1, 1, 1, 1), stem="cifar",

@@ -13,18 +13,6 @@ import models
 from convert import cli, dsp, dsp_torch, jax_side, packing, tables
 
 
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree[k]
-  tree[path[-1]] = value
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
 def masked_resnet(name: str, groups: int, seed: int,
                   empty_block: str | None = None):
   """A CifarResNet with random BN tensors and random group-structured masks.
@@ -35,22 +23,26 @@ def masked_resnet(name: str, groups: int, seed: int,
   pruning stage leaves them. ``empty_block`` gets an all-zero conv_a.
   """
   model = models.create_model(name, 10)
-  v = jax_side.to_numpy_tree(model.init(
-      jax.random.key(seed), np.zeros((1, 32, 32, 3), np.float32), train=False))
   rng = np.random.default_rng(seed)
-  for path, leaf in list(tables._leaves(v["params"])):
-    if path[-1] in ("scale", "bias"):
+  # Shapes only (no init run): random tensors fill them.
+  v = jax.tree.map(lambda s: np.ones(s.shape, np.float32),
+                   jax_side.template(model))
+  for path, leaf in list(tables.leaves(v["params"])):
+    if path[-1] == "kernel":
+      fan_in = np.prod(leaf.shape[:-1])
+      value = rng.normal(0, np.sqrt(2 / fan_in), leaf.shape)
+    else:
       sign = 1 if path[-1] == "scale" else rng.choice([-1, 1], leaf.shape)
-      _set(v["params"], path,
-           (rng.uniform(0.5, 1.5, leaf.shape) * sign).astype(np.float32))
-  for path, leaf in list(tables._leaves(v["batch_stats"])):
-    _set(v["batch_stats"], path, (rng.uniform(0.5, 2.0, leaf.shape)
+      value = rng.uniform(0.5, 1.5, leaf.shape) * sign
+    tables.set_path(v["params"], path, value.astype(np.float32))
+  for path, leaf in list(tables.leaves(v["batch_stats"])):
+    tables.set_path(v["batch_stats"], path, (rng.uniform(0.5, 2.0, leaf.shape)
                                   if path[-1] == "var" else
                                   rng.normal(0, 0.3, leaf.shape)
                                   ).astype(np.float32))
   for conv in tables.taking_part_convs(v, "cifar_resnet"):
     block, which = tuple(conv.split(".")[:-1]), conv.split(".")[-1][-1]
-    kernel = _get(v["params"], block + (f"conv_{which}", "kernel"))
+    kernel = tables.get_path(v["params"], block + (f"conv_{which}", "kernel"))
     n_in, n_out = kernel.shape[2:]
     group = rng.integers(0, groups, n_out)
     keep = rng.random((groups, n_in)) < 0.6
@@ -58,12 +50,12 @@ def masked_resnet(name: str, groups: int, seed: int,
     mask = keep[group].T.astype(np.float32)            # (I, O)
     mask[:, rng.random(n_out) < 0.15] = 0              # removed filters
     if which == "b":
-      produced = _get(v["masks"], block + ("bn_a", "scale")) > 0
+      produced = tables.get_path(v["masks"], block + ("bn_a", "scale")) > 0
       mask *= produced[:, None]
     if which == "a" and ".".join(block) == empty_block:
       mask[:] = 0
-    _set(v["masks"], block + (f"conv_{which}", "kernel"), mask)
-    _set(v["masks"], block + (f"bn_{which}", "scale"),
+    tables.set_path(v["masks"], block + (f"conv_{which}", "kernel"), mask)
+    tables.set_path(v["masks"], block + (f"bn_{which}", "scale"),
          (mask.sum(0) > 0).astype(np.float32))
   return model, v
 
@@ -148,7 +140,8 @@ def test_mismatch_raises(tmp_path):
   v["masks"]["stage_1"]["0"]["bn_a"]["scale"][0] = 1
   v["params"]["stage_1"]["0"]["bn_a"]["bias"][0] = 1.0
   v["batch_stats"]["stage_1"]["0"]["bn_a"]["mean"][0] = 0.0
-  v["masks"]["stage_1"]["0"]["conv_b"]["kernel"][0, :] = 1
+  kb = v["masks"]["stage_1"]["0"]["conv_b"]["kernel"]
+  kb[0, kb.sum(0) > 0] = 1
   with pytest.raises(dsp.ConversionMismatch, match="logits differ"):
     dsp.export_packed(model, v, tmp_path, program=False)
   assert not (tmp_path / dsp.PACKED).exists()
@@ -189,3 +182,20 @@ def test_cli_import_inspect_export(tmp_path, capsys):
   sd, acc = cli.reference.read_state_dict(
       pathlib.Path(tmp_path / "b" / "reference_state_dict.pkl"))
   assert acc == 0.0 and "stage_1.0.conv_b.mask" in sd
+
+
+def test_cli_exports_a_training_stage_directory(tmp_path):
+  from training import checkpoint, state  # pylint: disable=import-outside-toplevel
+  model, v = masked_resnet("cifar_resnet8", 2, seed=5)
+  ts = state.TrainState(step=np.int32(4), params=v["params"],
+                        batch_stats=v["batch_stats"], masks=v["masks"],
+                        gates={}, opt_state={}, rng=jax.random.key(0))
+  ck = checkpoint.StageCheckpointer(tmp_path / "finetune",
+                                    {"model": "cifar_resnet8", "method": "dsp"})
+  ck.save_best(4, ts, {"best": 0.5})
+  ck.close()
+  assert cli.main(["export", str(tmp_path / "finetune"), "--out",
+                   str(tmp_path / "export"), "--no-program"]) == 0
+  io = np.load(tmp_path / "export" / dsp.REFERENCE_IO)
+  np.testing.assert_allclose(io["logits"], jax_side.logits(model, v, io["images"]),
+                             atol=1e-5)

@@ -9,6 +9,7 @@ ReLU -> global average pool -> dense.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -227,7 +228,9 @@ def _momentum(state):
   return state.opt_state[1].trace
 
 
+@functools.lru_cache(maxsize=None)
 def _setup(dtype):
+  """Model, layers, initial state and jitted step (cached: one compile)."""
   model = Tiny(param_dtype=dtype)
   x0 = jnp.zeros((1, HW, HW, 3), dtype)
   variables = model.init(jax.random.key(0), x0, train=False)
@@ -309,20 +312,28 @@ def test_exact_option_close_to_autodiff_of_regulariser():
     # With Δ = 0 the exact option reduces to that first-order term.
     ex = reg.exact_group_gradient(w, w, jnp.zeros_like(w), P, Q)
     np.testing.assert_allclose(ex, auto, rtol=1e-12)
+    # The second-order part is the directional derivative of ∂R/∂P along Δ.
+    delta = jnp.asarray(rs.normal(size=w.shape)) * 1e-2
+    eps = 1e-4
+    fd = (jax.grad(reg.regulariser_value, argnums=1)(w + eps * delta, P, Q)
+          - jax.grad(reg.regulariser_value, argnums=1)(w - eps * delta, P, Q)
+          ) / (2 * eps)
+    ex = reg.exact_group_gradient(w, w, delta, P, Q)
+    np.testing.assert_allclose(ex - auto, fd, rtol=1e-6, atol=1e-12)
+    # The reference's hand-derived term is a different (approximate) quantity.
+    assert not np.allclose(reg.second_order(terms, delta), fd, rtol=1e-3)
     # Π is c * ∂R/∂W.
     gw = jax.grad(reg.regulariser_value)(w, P, Q)
     np.testing.assert_allclose(reg.penalty(terms, 2.0), 2.0 * gw, rtol=1e-6)
 
 
 def test_exact_step_runs_and_differs_only_in_logits():
-  _, info, state, _ = _setup(jnp.float32)
-  model = Tiny()
-  step_ex = gs.make_group_step(model, groups=G, lam=LAM,
+  _, info, state, step_pa = _setup(jnp.float32)
+  step_ex = gs.make_group_step(Tiny(), groups=G, lam=LAM,
                                lr_schedule=lr_schedule, total_steps=T,
+                               temperature=TAU, q=Q, momentum=MOM,
+                               weight_decay=WD, gate_lr=GATE_LR,
                                layer_info=info, exact=True)
-  step_pa = gs.make_group_step(model, groups=G, lam=LAM,
-                               lr_schedule=lr_schedule, total_steps=T,
-                               layer_info=info)
   rs = np.random.RandomState(3)
   batch = {"image": jnp.asarray(rs.normal(size=(B, HW, HW, 3)), jnp.float32),
            "label": jnp.asarray(rs.randint(0, K, size=B))}
@@ -350,3 +361,42 @@ def test_noise_drawn_from_state_rng_is_deterministic_and_wrong_groups_fail():
   with pytest.raises(ValueError, match="groups"):
     step(state.replace(gates=bad, gate_opt_state=gs.gate_optimizer().init(bad)),
          batch)
+
+
+_SHARDED = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as PS
+sys.path.insert(0, ".")
+sys.path.insert(0, "tests")
+import test_dsp_group_step as t
+_, info, state, step = t._setup(jnp.float32)
+rs = np.random.RandomState(5)
+batch = {"image": jnp.asarray(rs.normal(size=(t.B, t.HW, t.HW, 3)), jnp.float32),
+         "label": jnp.asarray(rs.randint(0, t.K, size=t.B))}
+ref, _ = step(state, batch)
+mesh = jax.make_mesh((2,), ("data",))
+rep = NamedSharding(mesh, PS())
+sharded = {k: jax.device_put(v, NamedSharding(mesh, PS("data")))
+           for k, v in batch.items()}
+state = jax.device_put(state, rep)
+out, _ = jax.jit(step, out_shardings=(rep, rep))(state, sharded)
+for a, b in zip(jax.tree.leaves(out.params) + jax.tree.leaves(out.gates),
+                jax.tree.leaves(ref.params) + jax.tree.leaves(ref.gates)):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+assert len(out.gates["conv_a"]["logits"].sharding.device_set) == 2
+print("OK")
+"""
+
+
+def test_step_runs_with_the_batch_sharded_over_two_devices():
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -279,3 +279,9 @@ def test_rate_search_follows_the_spec(name, groups, rate):
   assert traj[10] == (beta, res.p_flops) and res.beta == beta
   assert abs(res.p_flops - 100 * rate) < 1.0
   assert elapsed < 2.0
+  # The project's FLOPs accounting (models.flops) agrees on the reference
+  # measure and reports the whole-model figure beside it.
+  assert res.whole_model["dsp_pflops"] == pytest.approx(res.p_flops)
+  assert res.whole_model["dsp_pparams"] == pytest.approx(res.p_params)
+  assert 0 < res.whole_model["pflops_whole_model"] < res.p_flops
+  assert "whole model" in pr.format_table(res)

@@ -1,4 +1,4 @@
-"""Model zoo: parameter counts, mask/gate semantics, input checks and PyTorch parity.
+"""Model zoo: parameter counts, masks, gates, input checks, PyTorch parity.
 
 Parameter counts are checked against PyTorch modules written here (built on
 the ``meta`` device, so nothing big is allocated) and against published
@@ -214,8 +214,7 @@ def _random_variables(model, x, seed: int = 0) -> dict:
   free of XLA compilations of the initialisers (seconds each on CPU).
   """
   rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), x)
+  abstract = _abstract_variables(model, x.shape[1], x.shape[0])
   out = {}
   for col, tree in abstract.items():
     flat = _flat(tree)
@@ -226,7 +225,7 @@ def _random_variables(model, x, seed: int = 0) -> dict:
             2.0 / math.prod(shape[:-1]))
       elif last in ("bias", "mean"):
         value = 0.1 * rng.standard_normal(shape)
-      elif col == "params" and last == "scale" or last == "var":
+      elif (col == "params" and last == "scale") or last == "var":
         value = 0.5 + rng.uniform(size=shape)
       else:  # masks
         value = np.ones(shape)
@@ -333,19 +332,27 @@ def _taking_part(params: dict) -> set[str]:
           and ".downsample." not in p}
 
 
+# Gated convs of a few models, counted by hand: 2 per basic block, 3 per
+# bottleneck, every VGG conv but the first.
+GATED_CONVS = {"cifar_resnet20": 18, "resnet18": 16, "resnet50": 48,
+               "vgg16_bn": 12, "cifar_vgg11_bn": 7}
+
+
 @pytest.mark.parametrize("name", models.list_models())
 def test_registered_model_structure(name):
   spec = models.model_spec(name)
   assert spec.family in ("cifar_resnet", "resnet", "vgg")
-  model = models.create_model(name, 7)
-  out = jax.eval_shape(
-      lambda: model.apply(model.init(jax.random.key(0), jnp.zeros(
-          (1, spec.image_size, spec.image_size, 3)), train=False),
-                          jnp.zeros((2, spec.image_size, spec.image_size, 3)),
-                          train=False))
-  assert out.shape == (2, 7)
+  size = spec.image_size
 
-  variables = _abstract_variables(model, spec.image_size)
+  def init_and_apply(model):
+    variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                           train=False)
+    return variables, model.apply(variables, jnp.zeros((2, size, size, 3)),
+                                  train=False)
+
+  model = models.create_model(name, 7)
+  variables, out = jax.eval_shape(lambda: init_and_apply(model))
+  assert out.shape == (2, 7)
   assert "gates" not in variables
   params, masks = _flat(variables["params"]), _flat(variables["masks"])
   # One (in, out) mask per conv/dense kernel, one (C,) mask per norm scale.
@@ -357,23 +364,25 @@ def test_registered_model_structure(name):
       want[p] = v.shape
   assert {p: v.shape for p, v in masks.items()} == want
 
-  grouped = _abstract_variables(models.create_model(name, 7, groups=2),
-                                spec.image_size)
+  model = models.create_model(name, 7, groups=2)
+  grouped, out = jax.eval_shape(lambda: init_and_apply(model))
+  assert out.shape == (2, 7)
   gates = _flat(grouped["gates"])
   assert {p[:-len(".logits")] for p in gates} == _taking_part(params)
   for p, v in gates.items():
     assert v.shape == (2, params[p[:-len(".logits")] + ".kernel"].shape[-1])
   assert _count(grouped["params"]) == _count(variables["params"])
+  if name in GATED_CONVS:
+    assert len(gates) == GATED_CONVS[name]
 
 
-@pytest.mark.parametrize("name,convs", [("cifar_resnet20", 18),
-                                        ("resnet18", 16), ("resnet50", 48),
-                                        ("vgg16_bn", 12),
-                                        ("cifar_vgg11_bn", 7)])
-def test_number_of_gated_convs(name, convs):
-  variables = _abstract_variables(models.create_model(name, 10, groups=4),
-                                  models.model_spec(name).image_size)
-  assert len(_flat(variables["gates"])) == convs
+@pytest.mark.parametrize("name", TINY)
+def test_param_dtype_reaches_every_variable(name):
+  model = models.create_model(name, 10, groups=2, param_dtype=jnp.bfloat16)
+  variables = _abstract_variables(model, models.model_spec(name).image_size)
+  assert set(variables) == {"params", "batch_stats", "masks", "gates"}
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves(variables)}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_resnet_paths_follow_torchvision_names():
@@ -677,7 +686,7 @@ def test_forward_matches_pytorch(case):
   x = _images(4, size)
   variables = _random_variables(model, x)
   tmodel.load_state_dict(_to_torch_state(variables, tmodel, chw))
-  tx = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
+  tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
 
   tmodel.eval()
   with torch.no_grad():
