@@ -59,7 +59,11 @@ def main(argv):
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     raise SystemExit(f"error: {e}") from None
-  dispatch(config, _WORKDIR.value or config.workdir)
+  from training import checkpoint, loop  # After validation: imports JAX.
+  try:
+    dispatch(config, _WORKDIR.value or config.workdir)
+  except (loop.TrainingDiverged, checkpoint.CheckpointError) as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
     python run.py --config configs/quickstart.py --workdir runs/quickstart
 
-ResNet-8 (widths 4/8/16), batch 64, 15 epochs of SGD with a one-cycle
-schedule; about 19 steps per epoch on the 1257 training digits.
+CIFAR ResNet-20, batch 64, 10 epochs of SGD (momentum 0.9, coupled weight
+decay 5e-4) with a one-cycle schedule peaking at lr 0.1: 19 steps per epoch
+on the 1257 training digits.
 """
 
 import ml_collections
@@ -16,10 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
   config.workdir = "runs/quickstart"
   config.dataset = "digits"
-  config.model = "cifar_resnet8"
+  config.model = "cifar_resnet20"
   config.batch_size = 64
   config.test_batch_size = 200
-  config.epochs = 15
+  config.epochs = 10
   config.optim.schedule = "onecycle"
   config.optim.lr = 0.1
   config.optim.weight_decay = 5e-4

@@ -58,6 +58,19 @@ def infer_cifar_resnet(state_dict: dict[str, Any]) -> tuple[str, dict[str, Any],
   return name, overrides, classes
 
 
+def _state_dict_model(sd: dict[str, Any], model_name: str | None
+                      ) -> tuple[str, dict[str, Any], int]:
+  """Registry name, overrides and classes for a state dict."""
+  if model_name is None:
+    return infer_cifar_resnet(sd)
+  models.model_spec(model_name)  # a clear error for unknown names
+  # The output layer is the last weight in state-dict (model) order.
+  head = [k for k in sd if k.endswith(".weight")][-1]
+  groups = reference.groups_of(sd)
+  return (model_name, {"groups": groups} if groups else {},
+          tables.to_numpy(sd[head]).shape[0])
+
+
 def import_file(src: str | pathlib.Path, out: str | pathlib.Path,
                 model_name: str | None = None) -> dict[str, Any]:
   """Converts SRC into a variables directory; returns the ``model.json`` info."""
@@ -73,14 +86,7 @@ def import_file(src: str | pathlib.Path, out: str | pathlib.Path,
                             r.variables, meta)
     return {"model": r.model_name, "meta": meta}
   sd, acc = reference.read_state_dict(src)
-  if model_name is None:
-    model_name, overrides, classes = infer_cifar_resnet(sd)
-  else:
-    # The output layer is the last weight in state-dict (model) order.
-    head = [k for k in sd if k.endswith(".weight")][-1]
-    classes = tables.to_numpy(sd[head]).shape[0]
-    groups = reference.groups_of(sd)
-    overrides = {"groups": groups} if groups else {}
+  model_name, overrides, classes = _state_dict_model(sd, model_name)
   model = models.create_model(model_name, classes, **overrides)
   family = models.model_spec(model_name).family
   variables = reference.from_reference(sd, jax_side.template(model), family)
@@ -139,11 +145,8 @@ def _load_any(src: pathlib.Path, model_name: str | None
     r = dsp.import_packed(src)
     return r.model(), r.variables, r.model_name, dsp.branch_counts(r.plan)
   sd, _ = reference.read_state_dict(src)
-  if model_name is None:
-    model_name, overrides, classes = infer_cifar_resnet(sd)
-  else:
-    overrides, classes = {}, None
-  model = models.create_model(model_name, classes or 10, **overrides)
+  model_name, overrides, classes = _state_dict_model(sd, model_name)
+  model = models.create_model(model_name, classes, **overrides)
   family = models.model_spec(model_name).family
   variables = reference.from_reference(sd, jax_side.template(model), family)
   return model, variables, model_name, None

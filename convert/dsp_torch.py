@@ -200,7 +200,10 @@ def trace(plan: packing.PackedResNet, image_size: int = 32
   example = torch.zeros(1, plan.stem["conv_1_3x3.weight"].shape[1],
                         image_size, image_size,
                         dtype=torch.from_numpy(plan.stem["conv_1_3x3.weight"]).dtype)
-  with torch.no_grad():
+  # cuDNN flags as when the released files were traced (deterministic): they
+  # are recorded in every traced convolution call.
+  with torch.no_grad(), torch.backends.cudnn.flags(
+      enabled=True, benchmark=False, deterministic=True):
     return torch.jit.trace(model, example, check_trace=False)
 
 

@@ -159,7 +159,8 @@ def atomic_write(path: str | os.PathLike, write: Any) -> pathlib.Path:
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+  # Keep the extension: some writers (torch.export.save) check it.
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix,
                              dir=path.parent)
   os.close(fd)
   try:

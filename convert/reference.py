@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import zipfile
 from typing import Any, Mapping
 
 import jax
@@ -203,6 +204,12 @@ def read_state_dict(path: str | os.PathLike
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no such file: {path}")
+  if not zipfile.is_zipfile(path):
+    # torch.save writes zip archives (PyTorch >= 1.6); anything else is not ours.
+    raise ValueError(
+        f"{path}: expected a torch.save file holding [state_dict, accuracy] or "
+        f"a state dict, found a file that is not a zip archive "
+        f"({path.stat().st_size} bytes)")
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:  # pickle/zip errors come in many types.

@@ -9,18 +9,23 @@ Functional API, all pure functions over pytrees:
   an optax transformation to chain before the optimizer.
 * ``prune(variables, layers, cfg)``: zero the least important units and set
   the ``masks`` collection; ``apply_masks(params, masks)`` keeps them zero.
-* ``make_ddrop_train_step(model, tx, layers, cfg)``: a jit-able train step;
-  ``ddrop_collections`` is the hook for a generic step.
+* ``make_ddrop_train_step(model, tx, info, mesh, layers, cfg)``: the
+  engine's jitted step with the ``ddrop_variables_fn`` hook;
+  ``ddrop_collections`` gives one step's variables/rngs for a custom loop.
 
-Typical use::
+Typical use with the engine::
 
-  layers = ddrop_layers(variables)
-  cfg = DdropConfig(prob=(0.0, 0.95), schedule="cosine").with_phase_steps(n)
-  tx = optax.chain(ddrop_l1(layers, cfg), optimizer)
-  step = jax.jit(make_ddrop_train_step(model, tx, layers, cfg))
-  ...  # train, then
-  variables = prune(variables, layers, cfg)
-  step = jax.jit(make_ddrop_train_step(model, ft_tx, None, None))
+  layers = ddrop_layers(state.params)
+  cfg = DdropConfig.from_engine(config.ddrop).with_phase_steps(n)
+  tx = ddrop_optimizer(optimizer, layers, cfg)
+  state = state.replace(opt_state=tx.init(state.params), step=0,
+                        extra=init_extra(layers, cfg))
+  step = make_ddrop_train_step(model, tx, info, mesh, layers, cfg)
+  ...  # train, then prune and fine-tune with the masks held fixed:
+  v = prune(state.variables(), layers, cfg)
+  state = state.replace(params=v["params"], batch_stats=v["batch_stats"],
+                        masks=v["masks"], extra={})
+  step = training.steps.make_train_step(model, ft_tx, info, mesh)
 """
 
 from ddrop_jax.config import (CRITERIA, DEFAULT_L1, L1_MODES, PRUNE_SCOPES,
@@ -33,14 +38,16 @@ from ddrop_jax.probs import (importance, init_stats, keep_probabilities,
 from ddrop_jax.pruning import apply_masks, init_masks, prune, pruned_units
 from ddrop_jax.selection import (DdropLayer, ddrop_layers, norm_producer,
                                  prune_layers)
-from ddrop_jax.train import (DdropState, cross_entropy, ddrop_collections,
+from ddrop_jax.train import (ddrop_collections, ddrop_optimizer,
+                             ddrop_variables_fn, init_extra,
                              make_ddrop_train_step, needs_stats)
 
 __all__ = [
     "AddL1State", "CRITERIA", "DEFAULT_L1", "DdropConfig", "DdropLayer",
-    "DdropState", "L1_MODES", "PRUNE_SCOPES", "SCHEDULES", "add_l1",
-    "apply_masks", "cross_entropy", "ddrop_collections", "ddrop_l1",
-    "ddrop_layers", "importance", "init_masks", "init_stats",
+    "L1_MODES", "PRUNE_SCOPES", "SCHEDULES", "add_l1", "apply_masks",
+    "ddrop_collections", "ddrop_l1", "ddrop_layers", "ddrop_optimizer",
+    "ddrop_variables_fn", "importance", "init_extra", "init_masks",
+    "init_stats",
     "keep_probabilities", "keep_range", "l1_mask", "layer_keep",
     "make_ddrop_train_step", "needs_stats", "norm_producer", "prune",
     "prune_count", "prune_layers", "pruned_units", "rank_weights", "ranks",

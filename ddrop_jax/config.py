@@ -108,6 +108,11 @@ class DdropConfig:
     return dataclasses.replace(self, total_steps=max(1, phase_steps // 3))
 
   @classmethod
+  def from_engine(cls, ddrop: Mapping[str, Any] | Any) -> DdropConfig:
+    """See :func:`from_engine`."""
+    return from_engine(ddrop)
+
+  @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any] | Any) -> DdropConfig:
     """Builds the config from a dict or ``ConfigDict`` with the same fields.
 
@@ -120,7 +125,49 @@ class DdropConfig:
     if unknown:
       raise ValueError(f"unknown ddrop config field(s) {unknown}; valid: "
                        f"{', '.join(names)}")
+    if "prob" in items:
+      items["prob"] = tuple(items["prob"])
     return cls(**items)
+
+
+# Engine ``config.ddrop`` fields that are phase settings, not algorithm ones.
+_PHASE_FIELDS = ("epochs", "lr", "weight_decay", "momentum", "optimizer",
+                 "before_epochs", "ft_epochs", "ft_lr")
+# Engine ``config.ddrop.importance`` -> ``DdropConfig.criterion``.
+_ENGINE_IMPORTANCE = {"norm": "abs_gamma", "weight_norm": "weight_norm",
+                      "activation": "activation"}
+
+
+def from_engine(ddrop: Mapping[str, Any] | Any) -> DdropConfig:
+  """The ``DdropConfig`` of the engine's ``config.ddrop`` section.
+
+  Maps ``importance`` (``norm`` -> ``abs_gamma``), ``l1_rank_weighted``
+  (-> ``l1_mode``), ``prune_residual`` (-> ``prune_scope='all'``) and
+  ``total_steps = 0`` (-> None, one third of the phase); phase settings
+  (epochs, lr, ...) are not part of the algorithm and are skipped.
+
+  Args:
+    ddrop: the ``config.ddrop`` ConfigDict (or a dict).
+
+  Returns:
+    The config (``total_steps`` still to resolve with ``with_phase_steps``).
+  """
+  items = {k: v for k, v in dict(ddrop.items()).items()
+           if k not in _PHASE_FIELDS}
+  if "importance" in items:
+    imp = items.pop("importance")
+    if imp not in _ENGINE_IMPORTANCE:
+      raise ValueError(f"ddrop.importance must be one of "
+                       f"{', '.join(_ENGINE_IMPORTANCE)}; got {imp!r}")
+    items["criterion"] = _ENGINE_IMPORTANCE[imp]
+  if "l1_rank_weighted" in items:
+    items["l1_mode"] = "rank" if items.pop("l1_rank_weighted") else "uniform"
+  if "prune_residual" in items:
+    items["prune_scope"] = "all" if items.pop("prune_residual") else (
+        "ddrop_layers")
+  if items.get("total_steps") == 0:
+    items["total_steps"] = None
+  return DdropConfig.from_mapping(items)
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:

@@ -13,8 +13,9 @@ Per pruned layer the ``floor(amount * C)`` units of smallest importance
   whichever way a later export reads the statistics.
 
 The masks stay in the variables during fine-tuning (without a ``ddrop``
-collection, so nothing is dropped any more); :func:`apply_masks` re-zeroes the
-params after each update so that weight decay or momentum cannot move a
+collection, so nothing is dropped any more); ``apply_masks`` (the engine's
+``training.state.apply_masks``, re-exported here) re-zeroes the params after
+each update so that weight decay or momentum cannot move a
 pruned weight away from 0.
 """
 
@@ -29,8 +30,10 @@ from flax import traverse_util
 
 from ddrop_jax.config import DdropConfig
 from ddrop_jax.probs import importance, prune_count, ranks
-from ddrop_jax.selection import (DdropLayer, Path, module_kind, module_params,
+from ddrop_jax.selection import (DdropLayer, module_kind, module_params,
                                  prune_layers)
+# The engine's masking (re-applied after every fine-tuning update).
+from training.state import apply_masks  # noqa: F401  (re-exported)
 
 Array = jax.Array
 
@@ -121,34 +124,3 @@ def _prune(variables, layers, cfg, stats):
   if "batch_stats" in variables:
     out["batch_stats"] = traverse_util.unflatten_dict(flat_b)
   return out
-
-
-def apply_masks(params: Mapping[str, Any],
-                masks: Mapping[str, Any]) -> dict[str, Any]:
-  """``params * masks`` in the layers' convention (pure, jit-able).
-
-  A conv/dense ``kernel`` mask (in, out) multiplies the kernel (broadcast
-  over the spatial axes) and the bias by the mask's column maximum (a unit
-  with no input left is removed whole); a norm ``scale`` mask multiplies
-  scale and bias.
-
-  Args:
-    params: params pytree.
-    masks: ``masks`` collection.
-
-  Returns:
-    The masked params, same structure.
-  """
-  flat_p = dict(traverse_util.flatten_dict(params))
-  for key, m in traverse_util.flatten_dict(masks).items():
-    module: Path = tuple(key[:-1])
-    target = flat_p.get(key)
-    if target is None:
-      raise KeyError(f"mask {'.'.join(key)} has no matching parameter")
-    flat_p[key] = target * m.astype(target.dtype)
-    bias_key = module + ("bias",)
-    if bias_key in flat_p:
-      b = flat_p[bias_key]
-      col = jnp.max(m, axis=0) if key[-1] == "kernel" else m
-      flat_p[bias_key] = b * col.astype(b.dtype)
-  return traverse_util.unflatten_dict(flat_p)

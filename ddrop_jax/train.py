@@ -1,34 +1,35 @@
-"""DDROP train steps: the DDROP phase and the masked fine-tuning phase.
+"""DDROP train steps on top of the shared engine (``training.steps``).
 
-:func:`ddrop_collections` is the hook a generic train step calls to switch
-DDROP on: from the current params (and statistics) and the traced optimizer
-step it builds the ``ddrop`` collection (keep probabilities) and the
-``'ddrop'`` rng (``fold_in(rng, step)``). :func:`make_ddrop_train_step` is a
-complete jit-able step around it for users with their own loop; chain the L1
-into ``tx`` with ``optax.chain(ddrop_l1(layers, cfg), optimizer)``.
+The engine's ``make_train_step`` takes a ``variables_fn(state, params)``
+hook; :func:`ddrop_variables_fn` is DDROP's: from the current params (and
+statistics in ``state.extra['ddrop_stats']``) and the traced
+``state.step`` it builds the ``ddrop`` collection of keep probabilities. The
+``'ddrop'`` rng comes from the engine (``fold_in(state.rng, state.step)``,
+one stream per named rng). Fine-tuning is the engine's plain step on a state
+with ``masks`` set (re-applied after every update) and no hook, so nothing is
+dropped.
+
+For a loop of one's own, :func:`ddrop_collections` gives the extra variables
+and rngs of one step directly.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-import flax
 import jax
-import jax.numpy as jnp
 import optax
+from flax import linen as nn
 
 from ddrop_jax.config import DdropConfig
+from ddrop_jax.l1 import ddrop_l1
 from ddrop_jax.probs import init_stats, keep_probabilities
-from ddrop_jax.pruning import apply_masks
 from ddrop_jax.selection import DdropLayer
+from training import steps as steps_lib
+from training.state import TrainState
 
 Array = jax.Array
-LossFn = Callable[[Array, Array], Array]
-
-
-def cross_entropy(logits: Array, labels: Array) -> Array:
-  """Mean softmax cross-entropy with integer labels."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+STATS = "ddrop_stats"
 
 
 def needs_stats(cfg: DdropConfig) -> bool:
@@ -36,10 +37,23 @@ def needs_stats(cfg: DdropConfig) -> bool:
   return cfg.criterion == "activation"
 
 
+def init_extra(layers: Sequence[DdropLayer], cfg: DdropConfig
+               ) -> dict[str, Any]:
+  """``TrainState.extra`` of a DDROP phase: zero statistics when needed."""
+  return {STATS: init_stats(layers)} if needs_stats(cfg) else {}
+
+
+def _check_cfg(cfg: DdropConfig) -> None:
+  if cfg.total_steps is None:
+    raise ValueError("cfg.total_steps is None: resolve it with "
+                     "cfg.with_phase_steps(phase_steps)")
+
+
 def ddrop_collections(params: Mapping[str, Any],
                       stats: Mapping[str, Any] | None, step: Array | int,
                       rng: Array, layers: Sequence[DdropLayer],
-                      cfg: DdropConfig) -> tuple[dict[str, Any], dict[str, Array]]:
+                      cfg: DdropConfig
+                      ) -> tuple[dict[str, Any], dict[str, Array]]:
   """Extra variables and rngs that turn DDROP on for one training apply.
 
   Args:
@@ -57,110 +71,63 @@ def ddrop_collections(params: Mapping[str, Any],
   """
   extra = {"ddrop": keep_probabilities(params, stats, step, cfg, layers)}
   if stats is not None:
-    extra["ddrop_stats"] = stats
+    extra[STATS] = stats
   return extra, {"ddrop": jax.random.fold_in(rng, step)}
 
 
-@flax.struct.dataclass
-class DdropState:
-  """Train state of a DDROP or fine-tuning phase.
-
-  Attributes:
-    step: optimizer step within the phase.
-    params: params.
-    batch_stats: BatchNorm statistics (empty dict for models without).
-    opt_state: optimizer state.
-    ddrop_stats: running |activation| per DDROP unit, or None.
-    masks: pruning masks held fixed during fine-tuning, or None.
-  """
-
-  step: Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  ddrop_stats: Any = None
-  masks: Any = None
-
-  @classmethod
-  def create(cls, variables: Mapping[str, Any],
-             tx: optax.GradientTransformation,
-             layers: Sequence[DdropLayer] | None = None,
-             cfg: DdropConfig | None = None) -> DdropState:
-    """A fresh phase state (step 0, new optimizer state).
-
-    ``ddrop_stats`` starts at zeros when ``cfg`` uses the ``activation``
-    criterion (and ``variables`` has none); ``masks`` are taken from
-    ``variables`` when present (fine-tuning after :func:`prune`).
-    """
-    stats = variables.get("ddrop_stats")
-    if stats is None and cfg is not None and needs_stats(cfg):
-      stats = init_stats(layers)
-    return cls(step=jnp.zeros([], jnp.int32), params=variables["params"],
-               batch_stats=variables.get("batch_stats", {}),
-               opt_state=tx.init(variables["params"]), ddrop_stats=stats,
-               masks=variables.get("masks"))
-
-
-def make_ddrop_train_step(model: flax.linen.Module,
-                          tx: optax.GradientTransformation,
-                          layers: Sequence[DdropLayer] | None,
-                          cfg: DdropConfig | None, *,
-                          loss_fn: LossFn = cross_entropy,
-                          ) -> Callable[[DdropState, Mapping[str, Array], Array],
-                                        tuple[DdropState, dict[str, Array]]]:
-  """A jit-able ``step(state, batch, rng) -> (state, metrics)``.
+def ddrop_variables_fn(layers: Sequence[DdropLayer], cfg: DdropConfig
+                       ) -> Callable[[TrainState, Any],
+                                     tuple[dict[str, Any], list[str]]]:
+  """The engine hook ``(state, params) -> (variables, mutable)`` of DDROP.
 
   Args:
-    model: the Flax model, called as ``model.apply(vars, x, train=True)``.
-    tx: optimizer (with the L1 chained in for the DDROP phase).
-    layers: the DDROP layers; None (with ``cfg`` None) for fine-tuning:
-      no ``ddrop`` collection, so nothing is dropped.
-    cfg: DDROP config with ``total_steps`` resolved, or None.
-    loss_fn: ``loss_fn(logits, labels) -> scalar``.
+    layers: the DDROP layers.
+    cfg: DDROP config with ``total_steps`` resolved.
 
   Returns:
-    The step. ``batch`` has ``image`` (NHWC) and ``label`` (int). When
-    ``state.masks`` is set the masks are applied in the forward pass and
-    re-applied to the params after the update.
+    The hook for ``training.steps.make_train_step(variables_fn=...)``;
+    ``ddrop_stats`` is read from and written back to ``state.extra`` when
+    present (see :func:`init_extra`).
   """
-  if (layers is None) != (cfg is None):
-    raise ValueError("pass both layers and cfg (DDROP phase) or neither "
-                     "(fine-tuning)")
-  if cfg is not None and cfg.total_steps is None:
-    raise ValueError("cfg.total_steps is None: resolve it with "
-                     "cfg.with_phase_steps(phase_steps)")
+  _check_cfg(cfg)
+  layers = tuple(layers)
 
-  def step(state: DdropState, batch: Mapping[str, Array], rng: Array):
-    def loss(params):
-      variables = {"params": params}
-      mutable = []
-      if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-        mutable.append("batch_stats")
-      if state.masks is not None:
-        variables["masks"] = state.masks
-      rngs = {}
-      if cfg is not None:
-        extra, rngs = ddrop_collections(params, state.ddrop_stats, state.step,
-                                        rng, layers, cfg)
-        variables.update(extra)
-        if state.ddrop_stats is not None:
-          mutable.append("ddrop_stats")
-      logits, updates = model.apply(variables, batch["image"], train=True,
-                                    mutable=mutable, rngs=rngs)
-      return loss_fn(logits, batch["label"]), (logits, updates)
+  def variables_fn(state: TrainState, params: Any):
+    stats = (state.extra or {}).get(STATS)
+    keep = keep_probabilities(params, stats, state.step, cfg, layers)
+    if stats is None:
+      return {"ddrop": keep}, []
+    return {"ddrop": keep, STATS: stats}, [STATS]
 
-    (value, (logits, new)), grads = jax.value_and_grad(loss, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if state.masks is not None:
-      params = apply_masks(params, state.masks)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        batch_stats=new.get("batch_stats", state.batch_stats),
-        ddrop_stats=new.get("ddrop_stats", state.ddrop_stats))
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return new_state, {"loss": value, "accuracy": accuracy}
+  return variables_fn
 
-  return step
+
+def ddrop_optimizer(tx: optax.GradientTransformation,
+                    layers: Sequence[DdropLayer],
+                    cfg: DdropConfig) -> optax.GradientTransformation:
+  """``tx`` with DDROP's L1 chained in front (a fresh one per phase)."""
+  return optax.chain(ddrop_l1(layers, cfg), tx)
+
+
+def make_ddrop_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                          info: Any, mesh: jax.sharding.Mesh,
+                          layers: Sequence[DdropLayer], cfg: DdropConfig,
+                          **kwargs: Any) -> steps_lib.StepFn:
+  """The engine's jitted train step with DDROP switched on.
+
+  Args:
+    model: the Flax model.
+    tx: the phase optimizer, L1 included (:func:`ddrop_optimizer`).
+    info: dataset info (normalisation statistics), as the engine wants.
+    mesh: the ``data`` mesh.
+    layers: the DDROP layers.
+    cfg: DDROP config with ``total_steps`` resolved.
+    **kwargs: passed on to ``training.steps.make_train_step`` (``augment``,
+      ``lr_schedule``, ``dtype``).
+
+  Returns:
+    ``step_fn(state, batch) -> (state, metrics)`` (the loop's contract).
+  """
+  return steps_lib.make_train_step(
+      model, tx, info, mesh, variables_fn=ddrop_variables_fn(layers, cfg),
+      **kwargs)

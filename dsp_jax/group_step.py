@@ -92,6 +92,22 @@ def init_group_state(variables: PyTree, gates: PyTree | None = None, *,
       gate_opt_state=gate_optimizer(gate_lr).init(gates), rng=rng)
 
 
+GATE_OPT_KEY = "gate_opt_state"
+
+
+def _gate_opt_state(state: Any) -> optax.OptState:
+  """The logits' Adam state of a ``GroupState`` or of a state with ``extra``."""
+  if hasattr(state, "gate_opt_state"):
+    return state.gate_opt_state
+  return state.extra[GATE_OPT_KEY]
+
+
+def _with_gate_opt_state(state: Any, gate_opt_state: optax.OptState) -> Any:
+  if hasattr(state, "gate_opt_state"):
+    return state.replace(gate_opt_state=gate_opt_state)
+  return state.replace(extra={**state.extra, GATE_OPT_KEY: gate_opt_state})
+
+
 def _flat_logits(gates: PyTree, info: li.LayerInfo) -> dict:
   return {c.path: li.get(gates, c.path)["logits"] for c in info.convs}
 
@@ -102,7 +118,8 @@ def make_group_step(
     q: float = 0.5, momentum: float = 0.9, weight_decay: float = 1e-3,
     gate_lr: float = 1e-3, layer_info: li.LayerInfo | None = None,
     augment_fn: Callable[[Array, Array], Array] | None = None,
-    exact: bool = False, jit: bool = True,
+    exact: bool = False, jit: bool = True, donate: bool = False,
+    direction: optax.GradientTransformation | None = None,
 ) -> Callable[..., tuple[GroupState, dict]]:
   """Builds ``step(state, batch, noise=None) -> (state, metrics)``.
 
@@ -124,18 +141,28 @@ def make_group_step(
     exact: compute the step-7/9 group gradient by autodiff instead of the
       reference's hand-derived formula.
     jit: return the step jitted.
+    donate: when jitted, donate the input state's buffers.
+    direction: the SGD direction without the learning rate (the state's
+      ``opt_state`` must come from it); default ``sgd_direction(momentum,
+      weight_decay)``. The step scales it by ``-lr_schedule(t)`` itself so
+      that the look-ahead step reuses the same rate.
 
   Returns:
     The step function. ``batch`` is ``{'image': (B, H, W, C), 'label': (B,)}``;
-    ``noise`` is an optional Gumbel tree shaped like ``state.gates``.
+    ``noise`` is an optional Gumbel tree shaped like ``state.gates``. The
+    state is a ``GroupState``, or any state pytree with the fields ``step,
+    params, batch_stats, gates, opt_state, rng`` (``opt_state`` from
+    ``sgd_direction``), an ``extra`` dict holding the logits' Adam state under
+    ``'gate_opt_state'`` and optionally ``masks`` (``training.state``'s
+    ``TrainState``).
   """
-  tx = sgd_direction(momentum, weight_decay)
+  tx = direction or sgd_direction(momentum, weight_decay)
   gate_tx = gate_optimizer(gate_lr)
 
-  def loss_and_grads(params, batch_stats, gates, images, labels):
+  def loss_and_grads(params, batch_stats, others, images, labels):
     def loss_fn(p):
       logits, new_vars = model.apply(
-          {"params": p, "batch_stats": batch_stats, "gates": gates}, images,
+          {"params": p, "batch_stats": batch_stats, **others}, images,
           train=True, mutable=["batch_stats"])
       loss = optax.softmax_cross_entropy_with_integer_labels(
           logits, labels).mean()
@@ -152,7 +179,6 @@ def make_group_step(
 
   def step(state: GroupState, batch: dict, noise: PyTree | None = None):
     images, labels = batch["image"], batch["label"]
-    info = layer_info or li.analyze(model, images.shape[1:], images.dtype)
     gates_lib.check_groups(state.gates, groups)
     t = state.step
     key = jax.random.fold_in(state.rng, t)
@@ -160,6 +186,10 @@ def make_group_step(
       noise = gates_lib.gumbel_noise(jax.random.fold_in(key, 0), state.gates)
     if augment_fn is not None:
       images = augment_fn(jax.random.fold_in(key, 1), images)
+    info = layer_info or li.analyze(model, images.shape[1:], images.dtype)
+    others = {"gates": state.gates}
+    if getattr(state, "masks", None):
+      others["masks"] = state.masks
     dtype = jax.tree.leaves(state.params)[0].dtype
     lr = jnp.asarray(lr_schedule(t), dtype)
     rho = lam * lr * (t + 1).astype(dtype) / total_steps
@@ -173,7 +203,7 @@ def make_group_step(
 
     # 2. Main step.
     loss, out, stats1, grads = loss_and_grads(
-        state.params, state.batch_stats, state.gates, images, labels)
+        state.params, state.batch_stats, others, images, labels)
     params1, opt_state = sgd(state.params, grads, state.opt_state, lr)
 
     # 3-5. Terms at θ, then the penalised θ (W_ck).
@@ -187,7 +217,7 @@ def make_group_step(
                              {**li.get(params_ck, c.path), "kernel": w})
 
     # 6. Look-ahead step on the same batch with a copy of the momentum.
-    _, _, _, grads2 = loss_and_grads(params_ck, stats1, state.gates, images,
+    _, _, _, grads2 = loss_and_grads(params_ck, stats1, others, images,
                                      labels)
     params2, _ = sgd(params_ck, grads2, opt_state, lr)
 
@@ -215,7 +245,7 @@ def make_group_step(
                  for k in a)
     gate_grads = jax.grad(gate_objective)(state.gates)
     gate_updates, gate_opt_state = gate_tx.update(
-        gate_grads, state.gate_opt_state, state.gates)
+        gate_grads, _gate_opt_state(state), state.gates)
     new_gates = optax.apply_updates(state.gates, gate_updates)
 
     # 12. Hard penalty with H from the updated logits.
@@ -223,12 +253,14 @@ def make_group_step(
          for k, a in _flat_logits(new_gates, info).items()}
     params_out = reg.penalise(params1, H, rho, info, groups, q)
 
-    new_state = state.replace(
+    new_state = _with_gate_opt_state(state.replace(
         step=t + 1, params=params_out, batch_stats=stats1, gates=new_gates,
-        opt_state=opt_state, gate_opt_state=gate_opt_state)
+        opt_state=opt_state), gate_opt_state)
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(out, -1) == labels),
                "lr": lr, "rho": rho}
     return new_state, metrics
 
-  return jax.jit(step) if jit else step
+  if not jit:
+    return step
+  return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -117,8 +117,9 @@ class Conv(nn.Module):
         raise ValueError(
             f"{'/'.join(self.scope.path)}: groups must be in [1, {self.features}]"
             f" (the layer has {self.features} filters), got {self.groups}")
-      self.variable(GATES, "logits", jnp.zeros, (self.groups, self.features),
-                    self.param_dtype)
+      # Gates only feed DSP's regulariser, never the forward pass: optional at apply.
+      _optional_variable(self, GATES, "logits", jnp.zeros,
+                         (self.groups, self.features), self.param_dtype)
     if mask is not None:
       kernel = kernel * mask[None, None]
     dtype = jnp.result_type(x.dtype, kernel.dtype)

@@ -114,6 +114,9 @@ def test_bad_state_dicts_name_the_key(tmp_path, resnet8):
     reference.read_state_dict(tmp_path / "y.pt")
   with pytest.raises(ValueError, match="no conversion table"):
     tables.to_torch(v, "mobilenet")
+  torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "tv.pt")
+  with pytest.raises(ValueError, match="pass --model NAME"):
+    cli.import_file(tmp_path / "tv.pt", tmp_path / "out")
 
 
 def test_cli_imports_reference_file_with_inferred_architecture(tmp_path,

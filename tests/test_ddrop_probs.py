@@ -138,3 +138,18 @@ def test_criteria_read_the_right_quantities():
       [0.1, 0.3, 0.2, 0.0])
   with pytest.raises(ValueError, match="ddrop_stats"):
     dd.importance(bn, params, None, criterion="activation")
+
+
+def test_config_from_the_engine_section():
+  from training import config as config_lib
+  section = config_lib.default_config().ddrop
+  cfg = dd.DdropConfig.from_engine(section)
+  assert (cfg.prob, cfg.schedule, cfg.total_steps, cfg.criterion, cfg.l1,
+          cfg.l1_mode, cfg.amount, cfg.prune_scope) == (
+              tuple(section.prob), section.schedule, None, "abs_gamma",
+              section.l1, "uniform", section.amount, "ddrop_layers")
+  section = dict(section, importance="activation", l1_rank_weighted=True,
+                 prune_residual=True, total_steps=12)
+  cfg = dd.DdropConfig.from_engine(section)
+  assert (cfg.criterion, cfg.l1_mode, cfg.prune_scope, cfg.total_steps) == (
+      "activation", "rank", "all", 12)

@@ -1,6 +1,8 @@
-"""DDROP pruning, the DDROP train step and masked fine-tuning on a tiny ResNet."""
+"""DDROP pruning, the DDROP train step and masked fine-tuning on a tiny ResNet
+(through the engine's train step)."""
 
 import functools
+import types
 import zlib
 
 import jax
@@ -11,6 +13,9 @@ import pytest
 
 import ddrop_jax as dd
 import models
+from training.mesh import make_mesh
+from training.state import TrainState
+from training.steps import make_train_step
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,21 +31,22 @@ def setup():
       jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32))
 
   def fill(path, leaf):
+    # numpy draws: compiling dozens of small jax.random calls costs seconds
     names = [str(getattr(k, "key", "")) for k in path]
-    key = jax.random.key(zlib.crc32("/".join(names).encode()))
+    rng = np.random.default_rng(zlib.crc32("/".join(names).encode()))
     if names[0] == "masks":
       return jnp.ones(leaf.shape, leaf.dtype)
     if names[-1] == "kernel":
-      return 0.3 * jax.random.normal(key, leaf.shape, leaf.dtype)
-    r = jax.random.uniform(key, leaf.shape, leaf.dtype, 0.5, 1.5)
+      return jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
+    r = rng.uniform(0.5, 1.5, leaf.shape)
     if names[-1] == "scale":  # signed, to test |gamma| ranking
-      return r * jnp.sign(jax.random.normal(jax.random.fold_in(key, 1),
-                                            leaf.shape))
-    return r
+      r = r * rng.choice([-1.0, 1.0], leaf.shape)
+    return jnp.asarray(r, leaf.dtype)
 
-  variables = jax.jit(lambda: jax.tree_util.tree_map_with_path(fill, shapes))()
-  batch = {"image": jax.random.normal(jax.random.key(2), (8, 8, 8, 3)),
-           "label": jnp.arange(8) % 10}
+  variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  rng = np.random.default_rng(2)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 8, 8, 3)), jnp.uint8),
+           "label": jnp.arange(8, dtype=jnp.int32) % 10}
   return model, variables, dd.ddrop_layers(variables), batch
 
 
@@ -103,23 +109,49 @@ def test_prune_scope_all_also_prunes_convs_feeding_residual_sums():
     check_pruned(variables, pruned, layer, 0.5)
 
 
+INFO = types.SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def engine_state(variables, tx, extra=None):
+  """The engine's TrainState around ``variables`` (no model init compile).
+
+  The arrays are copied: the engine's step donates its input state, and
+  ``setup()``'s variables are shared between tests.
+  """
+  variables = jax.tree.map(jnp.array, variables)
+  return TrainState(
+      step=jnp.zeros([], jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], masks=variables.get("masks", {}),
+      gates={}, opt_state=tx.init(variables["params"]),
+      rng=jax.random.key(0), extra=extra or {})
+
+
+def host(tree):
+  """Host copies: the engine's step donates its input state."""
+  return jax.tree.map(np.array, tree)
+
+
 def test_ddrop_step_drops_units_and_tracks_statistics():
   model, variables, layers, batch = setup()
   # keep = 0 on every bn_a: the block's first half is cut off, so conv_a and
   # bn_a get no gradient while bn_b (its bias) still trains
   cfg = dd.DdropConfig(prob=(0.0, 0.0), criterion="activation", l1=0.0,
                        total_steps=1)
-  tx = optax.sgd(0.1)
-  state = dd.DdropState.create(variables, tx, layers, cfg)
-  step = jax.jit(dd.make_ddrop_train_step(model, tx, layers, cfg))
-  new, metrics = step(state, batch, jax.random.key(0))
+  variables = {k: v for k, v in variables.items() if k != "masks"}
+  tx = dd.ddrop_optimizer(optax.sgd(0.1), layers, cfg)
+  state = engine_state(variables, tx, dd.init_extra(layers, cfg))
+  before = host(state.params)
+  step = dd.make_ddrop_train_step(model, tx, INFO, make_mesh(1), layers, cfg,
+                                  augment=False)
+  new, metrics = step(state, batch)
   assert int(new.step) == 1 and np.isfinite(float(metrics["loss"]))
-  p0, p1 = state.params["stage_2"]["0"], new.params["stage_2"]["0"]
+  p0, p1 = before["stage_2"]["0"], new.params["stage_2"]["0"]
   np.testing.assert_array_equal(p1["conv_a"]["kernel"], p0["conv_a"]["kernel"])
   np.testing.assert_array_equal(p1["bn_a"]["scale"], p0["bn_a"]["scale"])
   assert not np.array_equal(p1["bn_b"]["bias"], p0["bn_b"]["bias"])
   for layer in layers:  # abs_mean moved off zero (pre-drop |activation|)
-    assert np.all(np.asarray(get(new.ddrop_stats, layer.name)["abs_mean"]) > 0)
+    got = get(new.extra["ddrop_stats"], layer.name)["abs_mean"]
+    assert np.all(np.asarray(got) > 0)
 
 
 def test_pruned_units_stay_zero_through_masked_fine_tuning():
@@ -128,25 +160,20 @@ def test_pruned_units_stay_zero_through_masked_fine_tuning():
   pruned = dd.prune(variables, layers, cfg)
   assert "ddrop" not in pruned
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, 0.9))
-  state = dd.DdropState.create(pruned, tx)
-  step = jax.jit(dd.make_ddrop_train_step(model, tx, None, None))
-  for i in range(3):
-    state, _ = step(state, batch, jax.random.key(i))
-  tuned = {"params": state.params, "batch_stats": state.batch_stats,
-           "masks": state.masks}
+  state = engine_state(pruned, tx)
+  step = make_train_step(model, tx, INFO, make_mesh(1), augment=False)
+  for _ in range(3):
+    state, _ = step(state, batch)
+  tuned = host({"params": state.params, "masks": state.masks})
   for layer in layers:
     dead = check_pruned(variables, pruned, layer, 0.5)
     norm, conv = ".".join(layer.norm), ".".join(layer.producer)
-    assert np.all(np.asarray(get(tuned["params"], conv)["kernel"])[..., dead]
-                  == 0)
+    assert np.all(get(tuned["params"], conv)["kernel"][..., dead] == 0)
     for leaf in ("scale", "bias"):
-      got = np.asarray(get(tuned["params"], norm)[leaf])
+      got = get(tuned["params"], norm)[leaf]
       assert np.all(got[dead] == 0)
       assert not np.array_equal(  # the kept units do train
           got[~dead], np.asarray(get(pruned["params"], norm)[leaf])[~dead])
-  for a, b in zip(jax.tree.leaves(dd.apply_masks(state.params, state.masks)),
-                  jax.tree.leaves(state.params)):
-    np.testing.assert_array_equal(a, b)
 
 
 def test_apply_masks_convention():
@@ -160,3 +187,26 @@ def test_apply_masks_convention():
   np.testing.assert_array_equal(out["conv"]["bias"], [1, 0, 1])
   np.testing.assert_array_equal(out["bn"]["scale"], [2, 0, 2])
   np.testing.assert_array_equal(out["bn"]["bias"], [3, 0, 3])
+
+
+def test_step_hooks_build_the_ddrop_collection_from_params_and_step():
+  _, variables, layers, _ = setup()
+  cfg = dd.DdropConfig(prob=(0.2, 0.6), schedule="linear", total_steps=4,
+                       criterion="activation")
+  stats = dd.init_stats(layers)
+  extra, rngs = dd.ddrop_collections(variables["params"], stats, 2,
+                                     jax.random.key(5), layers, cfg)
+  want = dd.keep_probabilities(variables["params"], stats, 2, cfg, layers)
+  for a, b in zip(jax.tree.leaves(extra["ddrop"]), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  assert extra["ddrop_stats"] is stats
+  assert np.array_equal(jax.random.key_data(rngs["ddrop"]), jax.random.key_data(
+      jax.random.fold_in(jax.random.key(5), 2)))
+  state = types.SimpleNamespace(step=jnp.asarray(2), extra={"ddrop_stats":
+                                                              stats})
+  hook_vars, mutable = dd.ddrop_variables_fn(layers, cfg)(
+      state, variables["params"])
+  assert mutable == ["ddrop_stats"] and set(hook_vars) == {"ddrop",
+                                                           "ddrop_stats"}
+  with pytest.raises(ValueError, match="with_phase_steps"):
+    dd.ddrop_variables_fn(layers, dd.DdropConfig())

@@ -379,8 +379,15 @@ mesh = jax.make_mesh((2,), ("data",))
 rep = NamedSharding(mesh, PS())
 sharded = {k: jax.device_put(v, NamedSharding(mesh, PS("data")))
            for k, v in batch.items()}
+# The engine's TrainState (gate Adam state in ``extra``) works as well.
+from training.state import TrainState
+state = TrainState(step=state.step, params=state.params,
+                   batch_stats=state.batch_stats, masks={}, gates=state.gates,
+                   opt_state=state.opt_state, rng=state.rng,
+                   extra={"gate_opt_state": state.gate_opt_state})
 state = jax.device_put(state, rep)
 out, _ = jax.jit(step, out_shardings=(rep, rep))(state, sharded)
+assert int(out.step) == 1 and "gate_opt_state" in out.extra
 for a, b in zip(jax.tree.leaves(out.params) + jax.tree.leaves(out.gates),
                 jax.tree.leaves(ref.params) + jax.tree.leaves(ref.gates)):
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -389,7 +396,7 @@ print("OK")
 """
 
 
-def test_step_runs_with_the_batch_sharded_over_two_devices():
+def test_step_runs_with_the_batch_sharded_over_two_devices_on_a_train_state():
   import os
   import pathlib
   import subprocess

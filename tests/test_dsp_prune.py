@@ -117,6 +117,23 @@ def test_bad_inputs_raise_clear_errors():
     pr.prune(params, big, info, groups=5, rate=0.5)
 
 
+def test_layer_info_needs_gates_and_agrees_with_the_structure():
+  with pytest.raises(ValueError, match="groups=G"):
+    li.analyze(models.create_model("cifar_resnet8"), (32, 32, 3))
+  model = models.create_model("cifar_resnet8", groups=2)
+  info = li.analyze_from_gates(model, (32, 32, 3))
+  assert info == li.analyze_from_structure(model, (32, 32, 3))
+  assert [c.name for c in info.convs[:2]] == ["stage_1.0.conv_a",
+                                              "stage_1.0.conv_b"]
+  c = info.convs[2]   # stage_2.0.conv_a: 4 -> 8 channels, stride 2
+  assert (c.kernel_shape, c.in_shape, c.out_shape) == (
+      (3, 3, 4, 8), (32, 32, 4), (16, 16, 8))
+  assert c.insize == 32 * 32 * 4 / (16 * 32 * 32)
+  assert c.flops == 8 * 4 * 9 * 16 * 16
+  assert len(info.blocks) == 3 and info.blocks[0].norm_b == ("stage_1", "0",
+                                                             "bn_b")
+
+
 # ----------------------------------------------------- ResNets, random gates
 @functools.lru_cache(maxsize=None)
 def _model(name, groups):

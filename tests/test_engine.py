@@ -81,8 +81,8 @@ def test_train_step_on_8_devices_equals_1_device(tmp_path):
 
 
 def test_apply_masks_matches_the_layers_forward_pass():
-  model = models.create_model("cifar_resnet8", 10)
-  v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  model, _, st = _tiny_state(masks=True)
+  v = {"params": st.params, "batch_stats": st.batch_stats, "masks": st.masks}
   rng = np.random.default_rng(1)
   masks = jax.tree.map(
       lambda m: jnp.asarray(rng.random(m.shape) > 0.4, m.dtype), v["masks"])
@@ -96,9 +96,9 @@ def test_apply_masks_matches_the_layers_forward_pass():
   bm = masks["stage_1"]["0"]["bn_a"]["scale"]
   assert np.all(bn["bias"][bm == 0] == 0) and np.all(bn["scale"][bm == 0] == 0)
   x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
-  with_masks = model.apply({**v, "masks": masks}, x, train=False)
-  pre_masked = model.apply({"params": masked, "batch_stats": v["batch_stats"]},
-                           x, train=False)
+  apply = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+  with_masks = apply({**v, "masks": masks}, x)
+  pre_masked = apply({"params": masked, "batch_stats": v["batch_stats"]}, x)
   np.testing.assert_allclose(with_masks, pre_masked, rtol=1e-5, atol=1e-6)
   assert state_lib.apply_masks(v["params"], {}) is v["params"]
   with pytest.raises(KeyError, match="no parameter"):
@@ -135,8 +135,9 @@ def test_masked_train_step_keeps_pruned_weights_zero_and_evaluate_pads():
   b["mask"] = np.arange(13) < 11
   r = steps.evaluate(ev, state, [b], mesh)
   assert r["count"] == 11
-  logits = model.apply(state.variables(), steps.preprocess(
-      None, jnp.asarray(b["image"]), INFO), train=False)
+  logits = jax.jit(lambda v, x: model.apply(
+      v, steps.preprocess(None, x, INFO), train=False))(
+          state.variables(), jnp.asarray(b["image"]))
   want = float(np.mean(np.argmax(logits, -1)[:11] == b["label"][:11]))
   assert r["accuracy"] == pytest.approx(want)
 
@@ -211,6 +212,20 @@ def test_run_stage_resumes_and_skips_finished_stage(tmp_path):
   assert full.best_step == 10 and full.summary("test")["best"]["accuracy"] > 0
   with pytest.raises(ckpt_lib.CheckpointError, match="num_steps"):
     _toy_stage(tmp_path / "b", 12)
+
+
+def test_corrupted_checkpoint_is_refused_and_left_alone(tmp_path):
+  _toy_stage(tmp_path, 10, max_steps=4, checkpoint_every_steps=2)
+  state_dir = tmp_path / "toy" / "steps" / "4" / "state"
+  files = [p for p in state_dir.rglob("*") if p.is_file()]
+  assert files
+  for p in files:
+    p.write_bytes(b"garbage")
+  listing = sorted(str(p) for p in (tmp_path / "toy").rglob("*"))
+  with pytest.raises(ckpt_lib.CheckpointError, match="cannot be restored"):
+    _toy_stage(tmp_path, 10, checkpoint_every_steps=2)
+  assert sorted(str(p) for p in (tmp_path / "toy").rglob("*")) == listing
+  assert all(p.read_bytes() == b"garbage" for p in files)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):

@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -47,6 +48,7 @@ def _final_params(workdir):
   return step, restored
 
 
+@pytest.mark.slow  # Three real runs (about 1.5 min on 2 cores).
 def test_kill_and_resume_is_bit_identical(tmp_path):
   full, killed = tmp_path / "full", tmp_path / "killed"
   # The uninterrupted run and the run to kill go side by side.
@@ -91,7 +93,6 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
 
 def test_foreign_checkpoint_is_refused_and_kept(tmp_path):
   from training import checkpoint as ckpt_lib
-  import pytest
   d = tmp_path / "train"
   d.mkdir()
   (d / "notes.txt").write_text("someone else's files")

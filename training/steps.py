@@ -71,7 +71,10 @@ def _cast(tree: Any, dtype: Any) -> Any:
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     info: Any, mesh: jax.sharding.Mesh, *,
                     lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
-                    augment: bool = True, dtype: Any = jnp.float32) -> StepFn:
+                    augment: bool = True, dtype: Any = jnp.float32,
+                    variables_fn: Callable[[TrainState, Any],
+                                           tuple[dict[str, Any], list[str]]]
+                    | None = None) -> StepFn:
   """The plain supervised training step, jitted over ``mesh``.
 
   Args:
@@ -83,6 +86,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     augment: random crop + flip.
     dtype: compute dtype (params and inputs are cast; master params, optimizer
       state and BN statistics stay float32).
+    variables_fn: method hook ``(state, params) -> (variables, mutable)``:
+      extra collections merged into the apply variables (DDROP's ``ddrop``
+      keep probabilities) and names of extra mutable collections, whose
+      updated values are stored in ``state.extra`` under their names.
 
   Returns:
     ``step_fn(state, batch) -> (state, metrics)`` with ``batch`` =
@@ -99,13 +106,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     def loss_fn(params):
       variables = state.variables()
       variables["params"] = _cast(params, dtype)
+      extra_vars, extra_mutable = ({}, []) if variables_fn is None else (
+          variables_fn(state, params))
+      variables.update(extra_vars)
       logits, updates = model.apply(variables, x, train=True,
-                                    mutable=["batch_stats"],
+                                    mutable=["batch_stats", *extra_mutable],
                                     rngs=model_rngs(model_rng))
       loss = jnp.mean(cross_entropy(logits, batch["label"]))
-      return loss, (logits, updates["batch_stats"])
+      extra = {k: updates[k] for k in extra_mutable}
+      return loss, (logits, updates["batch_stats"], extra)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+    (loss, (logits, batch_stats, extra)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = apply_masks(optax.apply_updates(state.params, updates),
@@ -117,7 +128,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     if lr_schedule is not None:
       metrics["lr"] = lr_schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
+                              batch_stats=batch_stats, opt_state=opt_state,
+                              extra={**state.extra, **extra} if extra
+                              else state.extra)
     return new_state, metrics
 
   rep = mesh_lib.replicated(mesh)
