@@ -189,9 +189,11 @@ def _conv(l: LayerInfo, folded: Mapping[str, Any], rows: np.ndarray,
 
 def _bn_tensors(folded: Mapping[str, Any], stats: Mapping[str, Any],
                 norm: Path) -> dict[str, np.ndarray]:
-  p, s = tables.get_path(folded, norm), tables.get_path(stats, norm)
-  return {"weight": p["scale"], "bias": p["bias"], "running_mean": s["mean"],
-          "running_var": s["var"]}
+  """A BN's masked tensors under their PyTorch names (the name table's)."""
+  trees = {tables.PARAMS: folded, tables.BATCH_STATS: stats}
+  return {r.torch: np.asarray(tables.get_path(trees[r.collection],
+                                              norm + (r.leaf,)))
+          for r in tables.KINDS["batchnorm"]}
 
 
 def _batchnorm(bn: Mapping[str, np.ndarray], index: np.ndarray

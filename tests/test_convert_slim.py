@@ -113,12 +113,14 @@ def test_resnet_tiny_inner_units_removed(amount):
 def test_vgg_tiny_export_and_layernorm_constants(tmp_path):
   model = models.create_model("cifar_vgg_tiny")
   v = ddrop_pruned(model)
-  r = slim.export_ddrop(model, v, tmp_path, num_images=3, program=False)
-  assert set(r.max_abs_diff) == {"module", slim.TORCHSCRIPT, slim.STATE_DICT}
+  r = slim.export_ddrop(model, v, tmp_path, num_images=3)
+  assert set(r.max_abs_diff) == {"module", slim.TORCHSCRIPT, slim.PROGRAM,
+                                 slim.STATE_DICT}
   x = np.load(r.files[slim.REFERENCE_IO])["images"]
-  ts = torch.jit.load(str(r.files[slim.TORCHSCRIPT]))
   want = jax_side.logits(model, v, x)
-  assert np.max(np.abs(dsp.torch_logits(ts, x) - want)) <= ATOL
+  for m in (torch.jit.load(str(r.files[slim.TORCHSCRIPT])),
+            torch.export.load(str(r.files[slim.PROGRAM])).module()):
+    assert np.max(np.abs(dsp.torch_logits(m, x) - want)) <= ATOL
   s = r.summary
   assert s.widths["classifier.0"] == (16, 8)
   assert s.widths["features.4"] == (8, 4)
