@@ -1,4 +1,6 @@
-"""Command line: ``python run.py --config CONFIG [--workdir DIR] [--config.FIELD=VALUE ...]``.
+"""Command line of every method.
+
+    python run.py --config CONFIG [--workdir DIR] [--config.FIELD=VALUE ...]
 
 Parses the config file (a Python file with ``get_config()``; see
 ``configs/``), applies the overrides, validates every field against

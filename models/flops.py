@@ -179,7 +179,10 @@ def report(model, variables: Mapping[str, Any],
   struct = structure_lib.analyze(model, image_size, channels)
   leaves = _leaves(params)
   params_dense = sum(int(np.prod(np.shape(v))) for v in leaves.values())
-  conns = connectivities(struct, params, masks, remove_dead)
+  # Whole-model figures are structural: the masks decide what is removed. A
+  # kernel that merely trained to zero (e.g. in an unpruned stem) still runs
+  # in the packed model. (DSP's own measure keeps the reference's weight test.)
+  conns = connectivities(struct, None, masks, remove_dead)
   rows, alive_out, counted = [], {}, set()
   for l in struct.layers.values():
     module = {p: v for p, v in leaves.items() if p[:-1] == l.path}

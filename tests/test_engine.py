@@ -9,7 +9,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import models
@@ -44,7 +43,8 @@ step = steps.make_train_step(model, tx, INFO, mesh, lr_schedule=lr)
 for b in batches(3, 16):
   state, m = step(state, mesh_lib.global_batch(b, mesh))
   float(m["loss"])
-assert state.params["stage_1"]["0"]["conv_a"]["kernel"].sharding.is_fully_replicated
+kernel = state.params["stage_1"]["0"]["conv_a"]["kernel"]
+assert kernel.sharding.is_fully_replicated
 flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
         jax.tree_util.tree_leaves_with_path((state.params, state.batch_stats))}
 np.savez(sys.argv[3], **flat)
@@ -72,7 +72,6 @@ def test_train_step_on_8_devices_equals_1_device(tmp_path):
     assert p.returncode == 0, out.decode()[-3000:]
   one, eight = np.load(tmp_path / "1.npz"), np.load(tmp_path / "8.npz")
   assert sorted(one) == sorted(eight) and len(one) > 20
-  moved = 0
   for k in one:
     np.testing.assert_allclose(one[k], eight[k], rtol=2e-4, atol=2e-5,
                                err_msg=k)

@@ -76,14 +76,16 @@ def test_hand_made_masks_on_cifar_resnet8():
   rep = flops.report(model, variables, 32)
   assert rep.dsp_pflops == pytest.approx(15.078125, abs=1e-9)
   assert rep.dsp_pparams == pytest.approx(7.2265625, abs=1e-9)
-  # Whole model: the stem loses 1/3 of its 4*3*9*1024 = 110592 MACs as well.
+  # Whole model (structural: masks only, so the zero-weight kernel of
+  # stage_3.0.conv_a, 73728/128 = 576 MACs and 9 weights, still counts): the
+  # stem loses 1/3 of its 4*3*9*1024 = 110592 MACs as well.
   assert rep.macs_dense == 864_416
-  assert rep.macs == 864_416 - 111_168 - 110_592 // 3
-  # Params: stem 108/3 = 36 and the 333 above, plus scale and bias of the
+  assert rep.macs == 864_416 - (111_168 - 576) - 110_592 // 3
+  # Params: stem 108/3 = 36 and the 333 - 9 above, plus scale and bias of the
   # 4 channels of stage_2.0.bn_b whose filters are gone: 8.
-  assert rep.params == rep.params_dense - 36 - 333 - 8
+  assert rep.params == rep.params_dense - 36 - (333 - 9) - 8
   assert rep.pflops_whole_model == pytest.approx(
-      100 * (111_168 + 36_864) / 864_416)
+      100 * (111_168 - 576 + 36_864) / 864_416)
   rows = {r.name: r for r in rep.per_layer}
   assert rows["stage_2.0.conv_b"].kernels_alive == 32
   assert rows["stage_2.0.bn_b"].kernels_alive == 4

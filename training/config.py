@@ -71,7 +71,7 @@ METHODS = ("train", "dsp", "ddrop")
 STAGES: dict[str, tuple[str, ...]] = {
     "train": ("train",),
     "dsp": ("pretrain", "group", "finetune", "pack"),
-    "ddrop": ("before", "ddrop", "prune", "finetune"),
+    "ddrop": ("before", "ddrop", "prune", "finetune", "pack"),
 }
 DATASETS = ("digits", "cifar10", "cifar100")
 OPTIMIZERS = ("sgd", "adamw")
@@ -134,7 +134,15 @@ def _stages(value: str) -> str | None:
   valid = sorted({s for v in STAGES.values() for s in v} | {"all"})
   bad = [s for s in names if s not in valid]
   if bad:
-    return f"unknown stage(s) {bad}; valid: {', '.join(valid)} (comma-separated)"
+    return (f"unknown stage(s) {bad}; valid: {', '.join(valid)} "
+            "(comma-separated)")
+  return None
+
+
+def _below_one(value: float) -> str | None:
+  # Pruning every unit of a layer would cut the network.
+  if value >= 1.0:
+    return f"{value!r} is out of the valid range [0, 1) (needs < 1)"
   return None
 
 
@@ -279,16 +287,18 @@ SCHEMA: dict[str, Any] = {
         "before_epochs": F(100, "Plain-training epochs before DDROP "
                            "(--before-epochs; 0 skips).", min=0),
         "amount": F(0.5, "Fraction of units pruned per DDROP layer "
-                    "(--amount).", min=0.0, max=1.0),
+                    "(--amount), in [0, 1).", min=0.0, max=1.0,
+                    check=_below_one),
         "ft_epochs": F(50, "Fine-tuning epochs (--ft-epochs).", min=0),
         "ft_lr": F(0.01, "Fine-tuning peak lr (--ft-lr).", min=0.0),
         "l1": F(1e-4, "λ_l1 of the L1 penalty on DDROP-layer scales.",
                 min=0.0),
         "l1_rank_weighted": F(False, "Weight the L1 penalty by each unit's "
                               "drop probability."),
-        "importance": F("norm", "Unit importance: |γ| / row norm, or the "
-                        "running mean of |activation|.",
-                        ("norm", "activation")),
+        "importance": F("norm", "Unit importance: |γ| (norms) / squared row "
+                        "norm (linears), the producing filter's squared "
+                        "norm, or the running mean of |activation|.",
+                        ("norm", "weight_norm", "activation")),
         "prune_residual": F(False, "Also prune convs feeding a residual sum."),
     },
 }
@@ -437,7 +447,7 @@ def check_override_paths(argv: list[str], flag: str = "config") -> None:
 
 
 def selected_stages(config: Mapping[str, Any]) -> tuple[str, ...]:
-  """The stages of ``config.method`` that ``config.stages`` selects, in order."""
+  """The stages of ``config.method`` selected by ``config.stages``, in order."""
   all_stages = STAGES[config["method"]]
   if config["stages"] == "all":
     return all_stages

@@ -151,7 +151,8 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
   select_on = config["select_on"]
 
   def snapshot() -> dict[str, Any]:
-    data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
+    data_state = (iterator.get_state() if hasattr(iterator, "get_state")
+                  else None)
     if isinstance(data_state, bytes):
       data_state = data_state.decode()
     return {**progress, "data": data_state}

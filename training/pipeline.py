@@ -137,12 +137,13 @@ def make_evaluator(config: Mapping[str, Any], env: Env, model: Any,
   if validation_split(config):
     splits["validation"] = validation_split(config)
 
+  holdout = config["validation_from_train"]
+
   def eval_fn(state):
     return {name: steps.evaluate(
         eval_step, state,
         data.eval_batches(config["dataset"], split, env.data_dir,
-                          batch_size=batch,
-                          validation_from_train=config["validation_from_train"]),
+                          batch_size=batch, validation_from_train=holdout),
         env.mesh) for name, split in splits.items()}
 
   return eval_fn

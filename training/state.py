@@ -53,8 +53,8 @@ class TrainState:
     return v
 
 
-def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformation,
-                       rng: jax.Array, image_shape: tuple[int, int, int], *,
+def create_train_state(model: flax.linen.Module,
+                       tx: optax.GradientTransformation, rng: jax.Array, image_shape: tuple[int, int, int], *,
                        with_masks: bool = False, with_gates: bool = False,
                        extra: Any = None) -> TrainState:
   """Initialises the model and the optimizer.

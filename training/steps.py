@@ -24,6 +24,11 @@ from training.state import TrainState, apply_masks
 
 StepFn = Callable[[TrainState, Mapping[str, jax.Array]],
                   tuple[TrainState, dict[str, jax.Array]]]
+# ``variables_fn(state, params) -> (variables, mutable)``: extra model
+# variables for the forward pass (e.g. DDROP keep probabilities) and the
+# names of collections among them the model updates (written back to
+# ``state.extra[name]``).
+VariablesFn = Callable[[TrainState, Any], tuple[dict[str, Any], list[str]]]
 # Named rngs a model may ask for ('ddrop' for DDROP unit dropout, 'gumbel'
 # for DSP, 'dropout' for nn.Dropout); each gets its own stream.
 RNG_NAMES = ("dropout", "ddrop", "gumbel")
@@ -72,9 +77,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     info: Any, mesh: jax.sharding.Mesh, *,
                     lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
                     augment: bool = True, dtype: Any = jnp.float32,
-                    variables_fn: Callable[[TrainState, Any],
-                                           tuple[dict[str, Any], list[str]]]
-                    | None = None) -> StepFn:
+                    variables_fn: VariablesFn | None = None) -> StepFn:
   """The plain supervised training step, jitted over ``mesh``.
 
   Args:

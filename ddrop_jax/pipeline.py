@@ -1,0 +1,262 @@
+"""``method='ddrop'``: the DDROP pipeline (spec ddrop.md section 1).
+
+Stages, in order (``config.stages`` selects some of them):
+
+* ``before``: ``ddrop.before_epochs`` of plain training (skipped when 0);
+* ``ddrop``: ``ddrop.epochs`` with DDROP dropping units and the L1 penalty
+  on the DDROP layers' scales;
+* ``prune``: DDROP off; ``floor(amount * C)`` units of every pruned layer are
+  zeroed and masked, then the model is evaluated ("Pruned");
+* ``finetune``: ``ddrop.ft_epochs`` at ``ddrop.ft_lr`` with the masks held
+  fixed and nothing dropped (skipped when 0);
+* ``pack``: the physically slimmed PyTorch export (``convert.slim``) in
+  ``workdir/export/``.
+
+Every phase gets a fresh optimizer and schedule from step 0 (CNNs: SGD with
+momentum ``ddrop.momentum`` and a one-cycle cosine schedule stepped per batch,
+peak ``lr``/``ft_lr``; transformers: AdamW with a warm-up cosine schedule),
+weight decay on the parameters PyTorch names ``weight`` only (kernels and
+norm scales). The training stages checkpoint through ``training.loop``:
+re-running the same command resumes, finished stages restore instantly, and
+``prune`` is recomputed from the ``ddrop`` stage's final state (it is
+deterministic). A stage left out of ``config.stages`` passes its input state
+on unchanged.
+
+``workdir/report.json`` holds, besides the engine's per-stage results:
+``accuracy`` (test accuracy before DDROP, after the DDROP phase, right after
+pruning and after fine-tuning), ``amount``, ``pruned_units`` (layer ->
+``[pruned, units]``), ``dense`` and ``pruned`` whole-model figures (params,
+MACs; ``models.flops.report``) and ``export`` (the files of ``pack``).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+import models
+from ddrop_jax.config import DdropConfig
+from ddrop_jax.pruning import prune
+from ddrop_jax.selection import DdropLayer, ddrop_layers, prune_layers
+from ddrop_jax.train import (STATS, ddrop_optimizer, init_extra,
+                             make_ddrop_train_step)
+from training import config as config_lib
+from training import loop
+from training import mesh as mesh_lib
+from training import optim
+from training import pipeline
+from training import state as state_lib
+from training import steps
+from training.state import TrainState
+
+# Model families trained with AdamW + warm-up cosine (spec section 1).
+TRANSFORMER_FAMILIES = ("vit", "swin")
+EXPORT_DIR = "export"
+PRUNE_FILE = "prune.json"
+# Offsets of each phase's data order and rng stream (phases restart at step 0).
+_PHASE_INDEX = {"before": 0, "ddrop": 1, "finetune": 2}
+
+
+def phase_optim(config: Mapping[str, Any], model_name: str
+                ) -> dict[str, Any]:
+  """The ``optim`` section of every DDROP phase (lr set per phase).
+
+  Args:
+    config: the run config.
+    model_name: registry name (chooses the CNN or transformer recipe).
+
+  Returns:
+    ``config.optim`` with optimizer, schedule, momentum, weight decay and its
+    mask set from ``config.ddrop``.
+  """
+  d = config["ddrop"]
+  family = models.model_spec(model_name).family
+  name = d["optimizer"]
+  if name == "auto":
+    name = "adamw" if family in TRANSFORMER_FAMILIES else "sgd"
+  section = dict(config["optim"].items())
+  section.update(
+      optimizer=name,
+      schedule="warmup_cosine" if name == "adamw" else "onecycle",
+      momentum=d["momentum"], weight_decay=d["weight_decay"],
+      wd_mask="weights", nesterov=False)
+  return section
+
+
+def _phase_state(state: TrainState, tx: Any, phase: str, mesh: Any,
+                 extra: Any = None) -> TrainState:
+  """``state`` with a fresh optimizer, step 0 and the phase's rng stream."""
+  state = state.replace(
+      step=jax.numpy.zeros([], jax.numpy.int32),
+      opt_state=tx.init(state.params),
+      rng=jax.random.fold_in(state.rng, _PHASE_INDEX[phase]),
+      extra={} if extra is None else extra)
+  return mesh_lib.replicate(state, mesh)
+
+
+def _test_accuracy(evals: Mapping[str, Any] | None) -> float | None:
+  if not evals:
+    return None
+  return float(evals["test"]["accuracy"])
+
+
+def pruned_units(masks: Mapping[str, Any],
+                 layers: Sequence[DdropLayer]) -> dict[str, list[int]]:
+  """``layer name -> [pruned units, units]`` read off the ``masks``.
+
+  Args:
+    masks: the ``masks`` collection after ``prune``.
+    layers: the pruned layers.
+
+  Returns:
+    The per-layer counts (a unit is pruned when its norm scale mask, or for a
+    norm-less Linear its kernel mask column, is 0).
+  """
+  out = {}
+  for layer in layers:
+    if layer.norm is not None:
+      m = _get(masks, layer.norm)["scale"]
+    else:
+      m = np.max(np.asarray(_get(masks, layer.producer)["kernel"]), axis=0)
+    m = np.asarray(m)
+    out[layer.name] = [int((m == 0).sum()), int(m.size)]
+  return out
+
+
+def _get(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def run(config: Mapping[str, Any], workdir: str | pathlib.Path
+        ) -> dict[str, Any]:
+  """Runs the DDROP stages (``method='ddrop'``).
+
+  Args:
+    config: the run config (``config.ddrop`` holds the method's fields).
+    workdir: the run directory.
+
+  Returns:
+    The report dict (also in ``workdir/report.json``).
+  """
+  env = pipeline.setup(config, workdir)
+  info, mesh, spe = env.info, env.mesh, env.steps_per_epoch
+  d = config["ddrop"]
+  selected = config_lib.selected_stages(config)
+  model = models.create_model(config["model"], info.num_classes)
+  section = phase_optim(config, config["model"])
+
+  def make_tx(epochs: int, lr: float):
+    return optim.make_optimizer(section, epochs=epochs, steps_per_epoch=spe,
+                                lr=lr)
+
+  evaluator = pipeline.make_evaluator(config, env, model)
+  accuracy: dict[str, float | None] = {}
+
+  def train_stage(name, state, step_fn, epochs):
+    result = loop.run_stage(
+        name, state, step_fn, num_steps=epochs * spe,
+        train_data=pipeline.train_data(config, env, _PHASE_INDEX[name]),
+        steps_per_epoch=spe, mesh=mesh, workdir=env.workdir, config=config,
+        eval_fn=evaluator)
+    env.report.add_stage(name, result.summary(config["select_on"]))
+    accuracy[name] = _test_accuracy(result.final)
+    return result.state
+
+  tx, lr_fn = make_tx(max(d["before_epochs"], 1), d["lr"])
+  state = state_lib.create_train_state(
+      model, tx, jax.random.key(config["seed"]),
+      (info.image_size, info.image_size, info.channels))
+  state = mesh_lib.replicate(state, mesh)
+
+  # 1. Plain training.
+  if d["before_epochs"] > 0 and "before" in selected:
+    state = _phase_state(state, tx, "before", mesh)
+    step_fn = steps.make_train_step(model, tx, info, mesh, lr_schedule=lr_fn,
+                                    dtype=env.dtype)
+    state = train_stage("before", state, step_fn, d["before_epochs"])
+
+  # 2. DDROP training.
+  layers = ddrop_layers(state.params)
+  cfg = DdropConfig.from_engine(d).with_phase_steps(d["epochs"] * spe)
+  env.report.merge({"ddrop": {
+      "layers": [l.name for l in layers], "total_steps": cfg.total_steps,
+      "amount": cfg.amount}})
+  if "ddrop" in selected:
+    base_tx, lr_fn = make_tx(d["epochs"], d["lr"])
+    tx = ddrop_optimizer(base_tx, layers, cfg)
+    state = _phase_state(state, tx, "ddrop", mesh,
+                         extra=init_extra(layers, cfg))
+    step_fn = make_ddrop_train_step(model, tx, info, mesh, layers, cfg,
+                                    lr_schedule=lr_fn, dtype=env.dtype)
+    state = train_stage("ddrop", state, step_fn, d["epochs"])
+
+  dense = pipeline.model_figures(model, state.variables(), info.image_size)
+  env.report.merge({"dense": dense})
+
+  # 3. Pruning (DDROP off from here on).
+  if "prune" in selected:
+    stats = (state.extra or {}).get(STATS)
+    v = prune(state.variables(), layers, cfg, stats=stats)
+    state = state.replace(params=v["params"], batch_stats=v["batch_stats"],
+                          masks=v["masks"], extra={})
+    state = mesh_lib.replicate(state, mesh)
+    evals = evaluator(state)
+    accuracy["pruned"] = _test_accuracy(evals)
+    counts = pruned_units(v["masks"], prune_layers(state.params, layers,
+                                                   cfg.prune_scope))
+    pruned = pipeline.model_figures(model, state.variables(), info.image_size)
+    record = {"amount": cfg.amount, "prune_scope": cfg.prune_scope,
+              "evaluation": evals, "pruned_units": counts, "pruned": pruned}
+    env.workdir.mkdir(parents=True, exist_ok=True)
+    (env.workdir / PRUNE_FILE).write_text(json.dumps(
+        jax.tree.map(lambda x: x, record), indent=1, default=float))
+    env.report.merge({"amount": cfg.amount, "pruned_units": counts,
+                      "pruned": pruned, "stages": {"prune": {
+                          "final": evals}}})
+
+  # 4. Fine-tuning with the masks held fixed.
+  if d["ft_epochs"] > 0 and "finetune" in selected:
+    tx, lr_fn = make_tx(d["ft_epochs"], d["ft_lr"])
+    state = _phase_state(state, tx, "finetune", mesh)
+    step_fn = steps.make_train_step(model, tx, info, mesh, lr_schedule=lr_fn,
+                                    dtype=env.dtype)
+    state = train_stage("finetune", state, step_fn, d["ft_epochs"])
+  env.report.merge({"accuracy": accuracy})
+
+  # 5. Slimmed PyTorch export.
+  if "pack" in selected:
+    env.report.merge({"export": pack(model, state.variables(),
+                                     env.workdir / EXPORT_DIR,
+                                     info.image_size)})
+  return pipeline.finish(env, model, state)
+
+
+def pack(model: Any, variables: Mapping[str, Any], out_dir: pathlib.Path,
+         image_size: int) -> dict[str, Any]:
+  """Writes the slimmed PyTorch export (``convert.slim.export_ddrop``).
+
+  Args:
+    model: the Flax model.
+    variables: its pruned (masked) variables.
+    out_dir: the export directory.
+    image_size: input height/width.
+
+  Returns:
+    ``{'dir', 'files', 'max_abs_diff', 'params_slim'}`` for the report.
+  """
+  try:
+    from convert import slim  # Imports torch: only when packing.
+  except ImportError as e:
+    raise RuntimeError(f"stage 'pack' needs convert.slim and torch ({e}); "
+                       "leave 'pack' out of config.stages to skip it") from e
+  out = slim.export_ddrop(model, variables, out_dir, image_size)
+  return {"dir": str(out_dir),
+          "files": {k: str(p) for k, p in out.files.items()},
+          "max_abs_diff": {k: float(v) for k, v in out.diffs.items()},
+          "params_slim": int(out.summary.params_after)}
