@@ -7,9 +7,17 @@
   architectures need ``--model NAME``.
 * ``export SRC_DIR --out DIR``: a converted-variables directory or a run's
   stage directory (``workdir/<stage>``: ``meta.json`` + orbax checkpoints;
-  ``--which best|latest``) -> the packed files of
-  ``convert.dsp.export_packed`` and, with ``--stage``, the reference-format
-  ``[state_dict, accuracy]`` file.
+  ``--which best|latest``) -> PyTorch files, in the format the model's family
+  takes unless ``--format`` names one:
+
+  - ``packed`` (``cifar_resnet`` family, DSP): the packed multi-branch files
+    of ``convert.dsp.export_packed`` and, with ``--stage``, the
+    reference-format ``[state_dict, accuracy]`` file;
+  - ``slim`` (``resnet`` / ``vgg`` families, DDROP): the physically slimmed
+    files of ``convert.slim.export_ddrop`` (``slim.pt``, ``slim.pt2``,
+    ``slim_state_dict.pt``, ``reference_io.npz``).
+
+  Every written file's logits are checked against the Flax model's.
 * ``inspect SRC``: module tree, branches per block, FLOPs and parameters by
   DSP's measure and over the whole model.
 """
@@ -26,7 +34,10 @@ from typing import Any, Sequence
 import numpy as np
 
 import models
-from convert import dsp, jax_side, reference, tables
+from convert import dsp, jax_side, reference, slim, tables
+
+# Export format -> the model families it supports.
+FORMATS = {"packed": (jax_side.FAMILY,), "slim": slim.FAMILIES}
 
 
 def is_torchscript(path: pathlib.Path) -> bool:
@@ -71,6 +82,16 @@ def _state_dict_model(sd: dict[str, Any], model_name: str | None
           tables.to_numpy(sd[head]).shape[0])
 
 
+def _from_state_dict(sd: dict[str, Any], model_name: str | None
+                     ) -> tuple[Any, dict[str, Any], str, dict[str, Any]]:
+  """Flax model, variables, registry name and overrides of a state dict."""
+  model_name, overrides, classes = _state_dict_model(sd, model_name)
+  model = models.create_model(model_name, classes, **overrides)
+  family = models.model_spec(model_name).family
+  variables = reference.from_reference(sd, jax_side.template(model), family)
+  return model, variables, model_name, overrides
+
+
 def import_file(src: str | pathlib.Path, out: str | pathlib.Path,
                 model_name: str | None = None) -> dict[str, Any]:
   """Converts SRC into a variables directory; returns the ``model.json`` info."""
@@ -86,49 +107,92 @@ def import_file(src: str | pathlib.Path, out: str | pathlib.Path,
                             r.variables, meta)
     return {"model": r.model_name, "meta": meta}
   sd, acc = reference.read_state_dict(src)
-  model_name, overrides, classes = _state_dict_model(sd, model_name)
-  model = models.create_model(model_name, classes, **overrides)
-  family = models.model_spec(model_name).family
-  variables = reference.from_reference(sd, jax_side.template(model), family)
+  model, variables, model_name, overrides = _from_state_dict(sd, model_name)
   meta = {"source": str(src), "format": "state dict",
           "stage": reference.reference_stage(sd), "accuracy": acc,
           "num_batches_tracked": tables.num_batches_tracked(sd)}
-  jax_side.save_variables(out, model_name, classes, overrides, variables, meta)
+  jax_side.save_variables(out, model_name, model.num_classes, overrides,
+                          variables, meta)
   return {"model": model_name, "meta": meta}
+
+
+def export_format(model_name: str) -> str:
+  """The export of a registry model: ``packed`` (DSP) or ``slim`` (DDROP).
+
+  Args:
+    model_name: a registry name.
+
+  Returns:
+    ``packed`` for the ``cifar_resnet`` family (DSP packing), ``slim`` for the
+    ``resnet`` / ``vgg`` families (DDROP slimming).
+
+  Raises:
+    ValueError: a family neither export supports.
+  """
+  family = models.model_spec(model_name).family
+  for fmt, families in FORMATS.items():
+    if family in families:
+      return fmt
+  raise ValueError(f"{model_name} is of family {family}; exports exist for "
+                   + "; ".join(f"{', '.join(f)} ({k})"
+                               for k, f in FORMATS.items()))
 
 
 def export_dir(source: str | pathlib.Path, out: str | pathlib.Path,
                stage: str | None = None, accuracy: float = 0.0,
-               program: bool = True, which: str = "best") -> dsp.ExportResult:
+               program: bool = True, which: str = "best",
+               export: str | None = None, image_size: int | None = None
+               ) -> dsp.ExportResult | slim.SlimExport:
   """Exports a variables directory or a training stage directory.
 
   Args:
     source: a ``jax_side.save_variables`` directory (``model.json``) or a
       run's stage directory (``meta.json``, orbax checkpoints).
     out: output directory.
-    stage: also write the reference-format file of this stage.
+    stage: also write the reference-format file of this stage (``packed``
+      only: the format is DSP's CifarResNet).
     accuracy: the accuracy stored in the reference-format file.
     program: also write the ``.pt2`` program.
     which: ``best`` or ``latest`` checkpoint of a stage directory.
+    export: ``packed`` (``convert.dsp.export_packed``) or ``slim``
+      (``convert.slim.export_ddrop``); None picks by the model's family
+      (``export_format``).
+    image_size: input height/width (default: the model's, or 32).
 
   Returns:
-    The export result.
+    ``dsp.ExportResult`` or ``slim.SlimExport`` (both have ``files`` and
+    ``max_abs_diff``).
+
+  Raises:
+    ValueError: an unknown format, a format the model's family does not
+      support, or ``stage`` with ``slim``.
   """
-  source = pathlib.Path(source)
-  if (source / "meta.json").is_file() and not (source / "model.json").is_file():
-    name, classes, overrides, variables = jax_side.load_stage_checkpoint(
-        source, which)
-    model = models.create_model(name, classes, **overrides)
-    info: dict[str, Any] = {"model": name}
-  else:
-    model, variables, info = jax_side.load_variables(source)
+  model, variables, info = jax_side.load_source(source, which)
+  return _export(model, variables, info, out, stage, accuracy, program, export,
+                 image_size)
+
+
+def _export(model: Any, variables: dict[str, Any], info: dict[str, Any],
+            out: str | pathlib.Path, stage: str | None, accuracy: float,
+            program: bool, export: str | None, image_size: int | None
+            ) -> dsp.ExportResult | slim.SlimExport:
+  fmt = export_format(info["model"]) if export is None else export
+  if fmt not in FORMATS:
+    raise ValueError(f"export format must be one of {', '.join(FORMATS)}, "
+                     f"got {fmt!r}")
   family = models.model_spec(info["model"]).family
-  if family != jax_side.FAMILY:
-    raise ValueError(f"DSP packing supports the {jax_side.FAMILY} family; "
-                     f"{info['model']} is {family}")
+  if family not in FORMATS[fmt]:
+    raise ValueError(f"the {fmt} export supports the families "
+                     f"{', '.join(FORMATS[fmt])}; {info['model']} is {family}")
+  if fmt == "slim":
+    if stage is not None:
+      raise ValueError("--stage (the reference-format state dict) belongs to "
+                       "the packed DSP export; the slim export has none")
+    return slim.export_ddrop(model, variables, out, image_size,
+                             program=program)
   nbt = info.get("meta", {}).get("num_batches_tracked")
   result = dsp.export_packed(model, variables, out, num_batches_tracked=nbt,
-                             program=program)
+                             program=program, image_size=image_size or 32)
   if stage is not None:
     sd = reference.to_reference(variables, stage, family, nbt)
     result.files["reference"] = reference.save(
@@ -139,16 +203,13 @@ def export_dir(source: str | pathlib.Path, out: str | pathlib.Path,
 def _load_any(src: pathlib.Path, model_name: str | None
               ) -> tuple[Any, dict[str, Any], str, dict[str, Any] | None]:
   if src.is_dir():
-    model, variables, info = jax_side.load_variables(src)
+    model, variables, info = jax_side.load_source(src)
     return model, variables, info["model"], None
   if is_torchscript(src):
     r = dsp.import_packed(src)
     return r.model(), r.variables, r.model_name, dsp.branch_counts(r.plan)
   sd, _ = reference.read_state_dict(src)
-  model_name, overrides, classes = _state_dict_model(sd, model_name)
-  model = models.create_model(model_name, classes, **overrides)
-  family = models.model_spec(model_name).family
-  variables = reference.from_reference(sd, jax_side.template(model), family)
+  model, variables, model_name, _ = _from_state_dict(sd, model_name)
   return model, variables, model_name, None
 
 
@@ -178,6 +239,41 @@ def inspect(src: str | pathlib.Path, model_name: str | None = None) -> str:
   return "\n".join(lines)
 
 
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+  """The ``export`` command's arguments (also ``python -m convert.slim``'s)."""
+  p.add_argument("variables", help="a variables directory (model.json) or a "
+                 "run's stage directory (meta.json + checkpoints)")
+  p.add_argument("--which", choices=("best", "latest"), default="best",
+                 help="checkpoint of a stage directory")
+  p.add_argument("--out", required=True)
+  p.add_argument("--format", choices=tuple(FORMATS), dest="export_format",
+                 help="packed: DSP packing (cifar_resnet family); slim: DDROP "
+                 "slimming (resnet, vgg families); default: by the model's "
+                 "family")
+  p.add_argument("--stage", choices=reference.STAGES,
+                 help="also write the reference-format state dict (packed)")
+  p.add_argument("--accuracy", type=float, default=0.0)
+  p.add_argument("--image-size", type=int,
+                 help="input size (default: the model's, or 32)")
+  p.add_argument("--no-program", action="store_true",
+                 help="skip the torch.export (.pt2) program")
+
+
+def run_export(args: argparse.Namespace) -> None:
+  """Runs ``export_dir`` for parsed ``export`` arguments and prints the files."""
+  model, variables, info = jax_side.load_source(args.variables, args.which)
+  r = _export(model, variables, info, args.out, args.stage, args.accuracy,
+              not args.no_program, args.export_format, args.image_size)
+  for path in r.files.values():
+    print(f"wrote {path}")
+  for k, d in r.max_abs_diff.items():
+    print(f"max |logits diff| {k}: {d:.3g}")
+  if isinstance(r, slim.SlimExport):
+    s = r.summary
+    print(f"{info['model']}: parameters {s.params_before} -> {s.params_after} "
+          f"({s.params_after / s.params_before:.1%})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``python -m convert``."""
   parser = argparse.ArgumentParser(prog="python -m convert",
@@ -188,18 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", required=True)
   p.add_argument("--model", help="registry name (state dicts of other "
                  "architectures than the DSP CifarResNet)")
-  p = sub.add_parser("export", help="variables or run stage dir -> packed "
-                     "files")
-  p.add_argument("variables", help="a variables directory (model.json) or a "
-                 "run's stage directory (meta.json + checkpoints)")
-  p.add_argument("--which", choices=("best", "latest"), default="best",
-                 help="checkpoint of a stage directory")
-  p.add_argument("--out", required=True)
-  p.add_argument("--stage", choices=reference.STAGES,
-                 help="also write the reference-format state dict")
-  p.add_argument("--accuracy", type=float, default=0.0)
-  p.add_argument("--no-program", action="store_true",
-                 help="skip the torch.export (.pt2) program")
+  add_export_arguments(sub.add_parser(
+      "export", help="variables or run stage dir -> packed (DSP) or slimmed "
+      "(DDROP) PyTorch files"))
   p = sub.add_parser("inspect", help="tree, branches, FLOPs of a file/dir")
   p.add_argument("src")
   p.add_argument("--model")
@@ -212,12 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"max |logits(JAX) - logits(TorchScript)| = "
               f"{info['meta']['max_abs_diff']:.3g}")
     elif args.command == "export":
-      r = export_dir(args.variables, args.out, args.stage, args.accuracy,
-                     not args.no_program, args.which)
-      for k, path in r.files.items():
-        print(f"wrote {path}")
-      for k, d in r.max_abs_diff.items():
-        print(f"max |logits diff| {k}: {d:.3g}")
+      run_export(args)
     else:
       print(inspect(args.src, args.model))
   except (ValueError, KeyError, FileNotFoundError) as e:

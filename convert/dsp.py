@@ -52,7 +52,19 @@ def torch_logits(module: Any, images_nhwc: np.ndarray) -> np.ndarray:
     return module(x).detach().cpu().numpy()
 
 
-def _check(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
+def check_logits(name: str, got: np.ndarray, want: np.ndarray,
+                 atol: float) -> float:
+  """Max |got - want|; raises ``ConversionMismatch`` naming ``name`` beyond atol.
+
+  Args:
+    name: what produced ``got`` (a file or module), for the error.
+    got: logits of the converted model.
+    want: logits of the Flax model.
+    atol: largest accepted difference.
+
+  Returns:
+    The measured difference.
+  """
   diff = float(np.max(np.abs(got - want)))
   if not diff <= atol:
     raise ConversionMismatch(
@@ -128,8 +140,8 @@ def export_packed(model: Any, variables: Mapping[str, Any],
     images = random_images(num_images, image_size, seed)
   want = jax_side.logits(model, variables, images)
   traced = dsp_torch.trace(plan, image_size)
-  diffs = {"traced": _check("traced packed model", torch_logits(traced, images),
-                            want, atol)}
+  diffs = {"traced": check_logits("traced packed model",
+                                  torch_logits(traced, images), want, atol)}
   files = {}
   files[REFERENCE_IO] = jax_side.atomic_write(
       out_dir / REFERENCE_IO,
@@ -138,8 +150,8 @@ def export_packed(model: Any, variables: Mapping[str, Any],
                          logits=want))
   files[PACKED] = jax_side.atomic_write(
       out_dir / PACKED, lambda p: torch.jit.save(traced, p))
-  diffs[PACKED] = _check(PACKED, torch_logits(torch.jit.load(files[PACKED]),
-                                              images), want, atol)
+  diffs[PACKED] = check_logits(
+      PACKED, torch_logits(torch.jit.load(files[PACKED]), images), want, atol)
   if program:
     # Batch 2 in the example: a size-1 dimension would be specialised.
     example = (torch.zeros(2, 3, image_size, image_size),)
@@ -149,12 +161,13 @@ def export_packed(model: Any, variables: Mapping[str, Any],
     files[PROGRAM] = jax_side.atomic_write(
         out_dir / PROGRAM, lambda p: torch.export.save(ep, p))
     loaded = torch.export.load(files[PROGRAM]).module()
-    diffs[PROGRAM] = _check(PROGRAM, torch_logits(loaded, images), want, atol)
+    diffs[PROGRAM] = check_logits(PROGRAM, torch_logits(loaded, images), want,
+                                  atol)
   sd = dense_state_dict(variables, num_batches_tracked)
   files[STATE_DICT] = jax_side.atomic_write(
       out_dir / STATE_DICT, lambda p: torch.save(sd, p))
   loaded_sd = torch.load(files[STATE_DICT], weights_only=True)
-  diffs[STATE_DICT] = _check(
+  diffs[STATE_DICT] = check_logits(
       STATE_DICT,
       torch_logits(lambda x: dsp_torch.dense_forward(loaded_sd, x), images),
       want, atol)

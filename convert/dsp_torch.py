@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,9 +28,11 @@ from convert import packing, tables
 # Python module under which the released files' classes were traced; using it
 # gives our archives the same qualified class names (``__torch__.cifar_model.*``).
 TORCH_MODULE = "cifar_model"
+BN_EPS = 1e-5  # PyTorch's default, which the Flax BatchNorm reproduces.
 
 
-def _tensor(x: np.ndarray) -> torch.Tensor:
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+  """A torch tensor owning a copy of ``x`` (never aliases numpy memory)."""
   return torch.from_numpy(np.array(x, copy=True))
 
 
@@ -40,7 +42,7 @@ class Sampler(nn.Module):
   def __init__(self, indices: Sequence[np.ndarray], index_select: bool = False):
     super().__init__()
     # A plain list (not buffers): tracing turns the tensors into constants.
-    self.indices = [_tensor(np.asarray(i, np.int64)).view(1, -1, 1, 1)
+    self.indices = [to_tensor(np.asarray(i, np.int64)).view(1, -1, 1, 1)
                     for i in indices]
     # take_along_dim is what the TorchScript format records; torch.export
     # needs index_select (take_along_dim's broadcast pins the batch size).
@@ -66,7 +68,7 @@ class IAdd(nn.Module):
 
   def __init__(self, indices: Sequence[np.ndarray]):
     super().__init__()
-    self.indices = [_tensor(np.asarray(i, np.int64)) for i in indices]
+    self.indices = [to_tensor(np.asarray(i, np.int64)) for i in indices]
 
   def forward(self, x: torch.Tensor, *ys: torch.Tensor) -> torch.Tensor:
     for index, y in zip(self.indices, ys):
@@ -96,20 +98,20 @@ class Compactblock(nn.Module):
       d = block.downsample
       conv = nn.Conv2d(d["0.weight"].shape[1], d["0.weight"].shape[0],
                        d["0.weight"].shape[-1], block.stride, 0, bias=False)
-      conv.weight.data = _tensor(d["0.weight"])
-      self.downsample = nn.Sequential(conv, _batchnorm(d, "1."))
+      conv.weight.data = to_tensor(d["0.weight"])
+      self.downsample = nn.Sequential(conv, batchnorm(d, "1."))
 
   def _add_branches(self, block: packing.PackedBlock,
                     index_select: bool) -> None:
     na, nb = len(block.branches_a), len(block.branches_b)
     self.layers_a = nn.ModuleList(
-        nn.Sequential(_conv(br, block.stride), _batchnorm(br.bn),
+        nn.Sequential(_conv(br, block.stride), batchnorm(br.bn),
                       nn.ReLU(inplace=True)) for br in block.branches_a)
     self.sampler_a = numbered(Sampler, na)(
         [br.inputs for br in block.branches_a], index_select)
     self.concat_a = numbered(Concat, na)()
     self.layers_b = nn.ModuleList(
-        nn.Sequential(_conv(br, 1), _batchnorm(br.bn))
+        nn.Sequential(_conv(br, 1), batchnorm(br.bn))
         for br in block.branches_b)
     self.sampler_b = numbered(Sampler, nb)(
         [br.inputs for br in block.branches_b], index_select)
@@ -137,8 +139,8 @@ class CifarResNet(nn.Module):
     w = plan.stem["conv_1_3x3.weight"]
     self.conv_1_3x3 = nn.Conv2d(w.shape[1], w.shape[0], w.shape[-1], 1,
                                 w.shape[-1] // 2, bias=False)
-    self.conv_1_3x3.weight.data = _tensor(w)
-    self.bn_1 = _batchnorm(plan.stem, "bn_1.")
+    self.conv_1_3x3.weight.data = to_tensor(w)
+    self.bn_1 = batchnorm(plan.stem, "bn_1.")
     for s, blocks in enumerate(plan.stages):
       setattr(self, f"stage_{s + 1}",
               nn.Sequential(*[Compactblock(b, index_select) for b in blocks]))
@@ -146,8 +148,8 @@ class CifarResNet(nn.Module):
     self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
     cw = plan.classifier["weight"]
     self.classifier = nn.Linear(cw.shape[1], cw.shape[0])
-    self.classifier.weight.data = _tensor(cw)
-    self.classifier.bias.data = _tensor(plan.classifier["bias"])
+    self.classifier.weight.data = to_tensor(cw)
+    self.classifier.bias.data = to_tensor(plan.classifier["bias"])
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = F.relu(self.bn_1(self.conv_1_3x3(x)), inplace=True)
@@ -164,18 +166,29 @@ for _cls in (Compactblock, CifarResNet):
 def _conv(br: packing.Branch, stride: int) -> nn.Conv2d:
   o, i, k, _ = br.weight.shape
   conv = nn.Conv2d(i, o, k, stride, k // 2, bias=False)
-  conv.weight.data = _tensor(br.weight)
+  conv.weight.data = to_tensor(br.weight)
   return conv
 
 
-def _batchnorm(src: dict[str, np.ndarray], prefix: str = "") -> nn.BatchNorm2d:
-  bn = nn.BatchNorm2d(src[prefix + "weight"].shape[0])
+def batchnorm(src: Mapping[str, np.ndarray], prefix: str = ""
+              ) -> nn.BatchNorm2d:
+  """An eval-mode ``BatchNorm2d`` (eps 1e-5) of PyTorch-named tensors.
+
+  Args:
+    src: ``{prefix}weight``, ``bias``, ``running_mean``, ``running_var`` and
+      optionally ``num_batches_tracked``.
+    prefix: key prefix of the BN's tensors in ``src`` (e.g. ``"bn_1."``).
+
+  Returns:
+    The module.
+  """
+  bn = nn.BatchNorm2d(src[prefix + "weight"].shape[0], eps=BN_EPS)
   for k in packing.BN_KEYS:
-    getattr(bn, k).data = _tensor(src[prefix + k])
+    getattr(bn, k).data = to_tensor(src[prefix + k])
   nbt = src.get(prefix + tables.NUM_BATCHES)
   if nbt is not None:
-    bn.num_batches_tracked.data = _tensor(np.asarray(nbt, np.int64))
-  return bn
+    bn.num_batches_tracked.data = to_tensor(np.asarray(nbt, np.int64))
+  return bn.eval()
 
 
 def build(plan: packing.PackedResNet, index_select: bool = False

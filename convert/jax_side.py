@@ -213,6 +213,72 @@ def load_variables(directory: str | os.PathLike
   return model, variables, info
 
 
+def load_source(source: str | os.PathLike, which: str = "best"
+                ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """Model, variables and info of a variables or training stage directory.
+
+  Args:
+    source: a ``save_variables`` directory (``model.json``) or a run's stage
+      directory (``meta.json`` and orbax checkpoints).
+    which: ``best`` or ``latest`` checkpoint of a stage directory.
+
+  Returns:
+    ``(model, variables, info)``; ``info`` is the ``model.json`` contents, or
+    ``{"model": name, "num_classes": n, "overrides": {...}}`` for a stage
+    directory.
+  """
+  source = pathlib.Path(source)
+  if (source / "meta.json").is_file() and not (source / "model.json").is_file():
+    name, classes, overrides, variables = load_stage_checkpoint(source, which)
+    model = models.create_model(name, classes, **overrides)
+    return model, variables, {"model": name, "num_classes": classes,
+                              "overrides": overrides}
+  return load_variables(source)
+
+
+def random_variables(model: Any, rng: int | np.random.Generator,
+                     image_size: int | None = None, *,
+                     mask_density: float | None = None) -> dict[str, Any]:
+  """Random numpy variables in the shapes of ``model``'s (no init run).
+
+  For conversion checks and benchmarks: every tensor is drawn so that no
+  layer is an identity or a zero (kernels He-normal, norm scales U(0.5, 1.5),
+  biases and running means normal, running variances U(0.5, 2), group logits
+  N(0, 0.5)).
+
+  Args:
+    model: a zoo model.
+    rng: a seed or a numpy generator (drawn from, in tree order).
+    image_size: input height/width (default: the model's ``image_size`` or 32).
+    mask_density: None leaves the ``masks`` collection all ones; else each
+      mask entry is 1 with this probability.
+
+  Returns:
+    The variables, nested dicts of float32 numpy arrays.
+  """
+  rng = np.random.default_rng(rng)
+  size = image_size or getattr(model, "image_size", None) or 32
+
+  def fill(path, s):
+    collection, leaf = path[0].key, path[-1].key
+    if collection == tables.MASKS:
+      if mask_density is None:
+        return np.ones(s.shape, s.dtype)
+      return (rng.random(s.shape) < mask_density).astype(s.dtype)
+    if leaf == "kernel":
+      value = rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape)
+    elif leaf == "scale":
+      value = rng.uniform(0.5, 1.5, s.shape)
+    elif leaf == "var":
+      value = rng.uniform(0.5, 2.0, s.shape)
+    else:
+      value = rng.normal(0, 0.5, s.shape)
+    return value.astype(s.dtype)
+
+  filled = jax.tree_util.tree_map_with_path(fill, template(model, size))
+  return to_numpy_tree(filled)
+
+
 def load_stage_checkpoint(stage_dir: str | os.PathLike, which: str = "best"
                           ) -> tuple[str, int, dict[str, Any], dict[str, Any]]:
   """Variables of a training stage directory (``training.checkpoint`` layout).

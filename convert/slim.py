@@ -26,14 +26,15 @@ them from the tensors, which is exact, in eval mode, under these rules:
 
 ``export_ddrop`` writes TorchScript, a ``torch.export`` program, a state dict
 and ``reference_io.npz``, each atomically, and checks every file's logits
-against the Flax model's before it returns. Command line::
+against the Flax model's before it returns. Command line (the converter's
+``export``, which picks this format for these families)::
 
-  python -m convert.slim VARIABLES_OR_STAGE_DIR --out DIR [--which latest]
+  python -m convert export VARIABLES_OR_STAGE_DIR --out DIR [--which latest]
+  python -m convert.slim VARIABLES_OR_STAGE_DIR --out DIR   # same, --format slim
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import os
@@ -46,7 +47,8 @@ import torch
 from torch import nn
 
 import models
-from convert import dsp, jax_side, packing, tables
+from convert import dsp, dsp_torch, jax_side, packing, tables
+from convert.dsp_torch import to_tensor
 from convert.torch_zoo import SlimBlock, SlimLayerNorm, SlimResNet, SlimVGG
 from models import cifar_resnet, resnet, vgg
 from models.structure import LayerInfo, ModelStructure, Path
@@ -54,7 +56,6 @@ from models.structure import LayerInfo, ModelStructure, Path
 FAMILIES = ("resnet", "vgg")
 TORCHSCRIPT, PROGRAM, STATE_DICT, REFERENCE_IO = (
     "slim.pt", "slim.pt2", "slim_state_dict.pt", "reference_io.npz")
-BN_EPS = 1e-5
 LN_EPS = 1e-5
 
 
@@ -151,10 +152,6 @@ def kept_units(structure: ModelStructure, variables: Mapping[str, Any]
 
 
 # ------------------------------------------------------------ torch modules
-def _tensor(x: np.ndarray) -> torch.Tensor:
-  return torch.from_numpy(np.array(x, copy=True))
-
-
 def _padding(l: LayerInfo) -> int:
   """Symmetric padding of a zoo conv (k // 2), checked against its shapes."""
   k, s, p = l.kernel_size[0], l.strides[0], l.kernel_size[0] // 2
@@ -181,9 +178,10 @@ def _conv(l: LayerInfo, folded: Mapping[str, Any], rows: np.ndarray,
                          cols)
   conv = nn.Conv2d(len(cols), len(rows), l.kernel_size, l.strides,
                    _padding(l), bias="bias" in p)
-  conv.weight = nn.Parameter(_tensor(w))
+  conv.weight = nn.Parameter(to_tensor(w))
   if "bias" in p:
-    conv.bias = nn.Parameter(_tensor(tables.slice_channels(p["bias"], rows, 0)))
+    conv.bias = nn.Parameter(
+        to_tensor(tables.slice_channels(p["bias"], rows, 0)))
   return conv
 
 
@@ -196,23 +194,17 @@ def _bn_tensors(folded: Mapping[str, Any], stats: Mapping[str, Any],
           for r in tables.KINDS["batchnorm"]}
 
 
-def _batchnorm(bn: Mapping[str, np.ndarray], index: np.ndarray
-               ) -> nn.BatchNorm2d:
-  sliced = packing.slice_bn(bn, index)
-  mod = nn.BatchNorm2d(len(index), eps=BN_EPS)
-  for k in packing.BN_KEYS:
-    t = _tensor(sliced[k])
-    if k in ("weight", "bias"):
-      setattr(mod, k, nn.Parameter(t))
-    else:
-      setattr(mod, k, t)
-  return mod.eval()
+def _batchnorm(folded: Mapping[str, Any], stats: Mapping[str, Any],
+               norm: Path, index: np.ndarray) -> nn.BatchNorm2d:
+  """The BN at ``norm`` restricted to the channels ``index``."""
+  return dsp_torch.batchnorm(
+      packing.slice_bn(_bn_tensors(folded, stats, norm), index))
 
 
 def _bn_shift(bn: Mapping[str, np.ndarray]) -> np.ndarray:
   """What a BN outputs for a zero input (eval mode)."""
   return bn["bias"] - bn["running_mean"] * bn["weight"] / np.sqrt(
-      bn["running_var"] + BN_EPS)
+      bn["running_var"] + dsp_torch.BN_EPS)
 
 
 def _linear(l: LayerInfo, folded: Mapping[str, Any], rows: np.ndarray,
@@ -229,8 +221,8 @@ def _linear(l: LayerInfo, folded: Mapping[str, Any], rows: np.ndarray,
   w = (tables.transpose2d(k) if nchw_channels is None else
        tables.nhwc_rows_to_nchw(k, nchw_channels))
   lin = nn.Linear(len(cols), len(rows))
-  lin.weight = nn.Parameter(_tensor(w))
-  lin.bias = nn.Parameter(_tensor(tables.slice_channels(p["bias"], rows, 0)))
+  lin.weight = nn.Parameter(to_tensor(w))
+  lin.bias = nn.Parameter(to_tensor(tables.slice_channels(p["bias"], rows, 0)))
   return lin
 
 
@@ -255,7 +247,7 @@ def _build_resnet(model: resnet.ResNet, structure: ModelStructure,
                   keep: Mapping[Path, np.ndarray]) -> SlimResNet:
   def conv_bn(l: LayerInfo, norm: Path) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     return (_conv(l, folded, keep[l.path], _input_cols(l, structure, keep)),
-            _batchnorm(_bn_tensors(folded, stats, norm), keep[l.path]))
+            _batchnorm(folded, stats, norm, keep[l.path]))
 
   # Members of a residual space keep its width (``kept_units``); a stem
   # that feeds no sum (ImageNet bottlenecks) is slimmed like any conv.
@@ -269,7 +261,7 @@ def _build_resnet(model: resnet.ResNet, structure: ModelStructure,
     main, const = [], None
     if any(_empty(c, keep) for c in convs):
       # The chain outputs zeros: the block adds its last BN's shift.
-      const = _tensor(_bn_shift(last_bn))
+      const = to_tensor(_bn_shift(last_bn))
     else:
       for c in convs:
         conv, bn = conv_bn(c, c.norm)
@@ -280,7 +272,7 @@ def _build_resnet(model: resnet.ResNet, structure: ModelStructure,
           *conv_bn(structure[block.shortcut[0]], block.shortcut[1]))
     stage, index = last.path[0], keep[last.path]
     stages.setdefault(stage, []).append(
-        SlimBlock(main, _tensor(index), downsample, const))
+        SlimBlock(main, to_tensor(index), downsample, const))
   fc = structure[("fc",)]
   linear = _linear(fc, folded, keep[fc.path], _input_cols(fc, structure, keep))
   return SlimResNet(conv1, bn1, list(stages.values()), linear,
@@ -298,7 +290,7 @@ def _build_vgg(model: vgg.VGG, structure: ModelStructure,
     l = structure[("features", str(len(features)))]
     features += [_conv(l, folded, keep[l.path],
                        _input_cols(l, structure, keep)),
-                 _batchnorm(_bn_tensors(folded, stats, l.norm), keep[l.path]),
+                 _batchnorm(folded, stats, l.norm, keep[l.path]),
                  nn.ReLU()]
   dense = [l for l in structure.producers if l.path[0] == "classifier"]
   classifier: list[nn.Module] = []
@@ -314,10 +306,10 @@ def _build_vgg(model: vgg.VGG, structure: ModelStructure,
       p = tables.get_path(folded, l.norm)
       removed = np.setdiff1d(np.arange(l.out_features), keep[l.path])
       classifier.append(SlimLayerNorm(
-          _tensor(tables.slice_channels(p["scale"], keep[l.path], 0)),
-          _tensor(tables.slice_channels(p["bias"], keep[l.path], 0)),
+          to_tensor(tables.slice_channels(p["scale"], keep[l.path], 0)),
+          to_tensor(tables.slice_channels(p["bias"], keep[l.path], 0)),
           l.out_features,
-          _tensor(tables.slice_channels(
+          to_tensor(tables.slice_channels(
               tables.get_path(folded, l.path)["bias"], removed, 0)),
           LN_EPS))
     classifier += [nn.ReLU(), nn.Dropout(model.dropout_rate)]
@@ -368,14 +360,6 @@ def slim(model: Any, variables: Mapping[str, Any],
 
 
 # ------------------------------------------------------------------ export
-def _check(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
-  diff = float(np.max(np.abs(got - want)))
-  if not diff <= atol:
-    raise dsp.ConversionMismatch(
-        f"{name}: logits differ from the Flax model by {diff:.3g} > {atol:g}")
-  return diff
-
-
 def _save_program(ep: Any, path: str) -> None:
   # Through a file object: torch.export warns on names not ending in .pt2,
   # and the atomic temp name does not.
@@ -423,8 +407,8 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
   if images is None:
     images = dsp.random_images(num_images, image_size, seed)
   want = jax_side.logits(model, variables, images)
-  diffs = {"module": _check("slimmed module", dsp.torch_logits(module, images),
-                            want, atol)}
+  diffs = {"module": dsp.check_logits(
+      "slimmed module", dsp.torch_logits(module, images), want, atol)}
   files = {REFERENCE_IO: jax_side.atomic_write(
       out_dir / REFERENCE_IO,
       lambda p: np.savez(open(p, "wb"), images=images,
@@ -435,7 +419,7 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
                              check_trace=False)
   files[TORCHSCRIPT] = jax_side.atomic_write(
       out_dir / TORCHSCRIPT, lambda p: torch.jit.save(traced, p))
-  diffs[TORCHSCRIPT] = _check(TORCHSCRIPT, dsp.torch_logits(
+  diffs[TORCHSCRIPT] = dsp.check_logits(TORCHSCRIPT, dsp.torch_logits(
       torch.jit.load(str(files[TORCHSCRIPT])), images), want, atol)
   if program:
     # Batch 2 in the example: a size-1 dimension would be specialised.
@@ -444,7 +428,7 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
         dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
     files[PROGRAM] = jax_side.atomic_write(
         out_dir / PROGRAM, lambda p: _save_program(ep, p))
-    diffs[PROGRAM] = _check(PROGRAM, dsp.torch_logits(
+    diffs[PROGRAM] = dsp.check_logits(PROGRAM, dsp.torch_logits(
         torch.export.load(str(files[PROGRAM])).module(), images), want, atol)
   state = {k: t.detach().clone() for k, t in module.state_dict().items()}
   files[STATE_DICT] = jax_side.atomic_write(
@@ -454,62 +438,25 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
     for t in list(fresh.parameters()) + list(fresh.buffers()):
       t.zero_()
   fresh.load_state_dict(torch.load(files[STATE_DICT], weights_only=True))
-  diffs[STATE_DICT] = _check(STATE_DICT, dsp.torch_logits(fresh, images), want,
-                             atol)
+  diffs[STATE_DICT] = dsp.check_logits(
+      STATE_DICT, dsp.torch_logits(fresh, images), want, atol)
   return SlimExport(files, diffs, summary)
 
 
-def load_source(source: str | os.PathLike, which: str = "best"
-                ) -> tuple[Any, dict[str, Any], str]:
-  """Model, variables and registry name of a variables or stage directory.
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of ``python -m convert.slim``.
+
+  The converter's ``export --format slim`` (``convert.cli``), same arguments.
 
   Args:
-    source: a ``jax_side.save_variables`` directory (``model.json``) or a
-      run's stage directory (``meta.json`` and orbax checkpoints).
-    which: ``best`` or ``latest`` checkpoint of a stage directory.
+    argv: the arguments (default: the process's).
 
   Returns:
-    ``(model, variables, model_name)``.
+    The exit status.
   """
-  source = pathlib.Path(source)
-  if (source / "meta.json").is_file() and not (source / "model.json").is_file():
-    name, classes, overrides, variables = jax_side.load_stage_checkpoint(
-        source, which)
-    return models.create_model(name, classes, **overrides), variables, name
-  model, variables, info = jax_side.load_variables(source)
-  return model, variables, info["model"]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of ``python -m convert.slim``."""
-  parser = argparse.ArgumentParser(
-      prog="python -m convert.slim",
-      description="DDROP-pruned ResNet/VGG-bn -> slimmed PyTorch files")
-  parser.add_argument("variables", help="a variables directory (model.json) "
-                      "or a run's stage directory (meta.json + checkpoints)")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--which", choices=("best", "latest"), default="best",
-                      help="checkpoint of a stage directory")
-  parser.add_argument("--image-size", type=int,
-                      help="input size (default: the model's)")
-  parser.add_argument("--no-program", action="store_true",
-                      help="skip the torch.export (.pt2) program")
-  args = parser.parse_args(argv)
-  try:
-    model, variables, name = load_source(args.variables, args.which)
-    r = export_ddrop(model, variables, args.out, args.image_size,
-                     program=not args.no_program)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  for path in r.files.values():
-    print(f"wrote {path}")
-  for k, d in r.max_abs_diff.items():
-    print(f"max |logits diff| {k}: {d:.3g}")
-  s = r.summary
-  print(f"{name}: parameters {s.params_before} -> {s.params_after} "
-        f"({s.params_after / s.params_before:.1%})")
-  return 0
+  from convert import cli  # pylint: disable=import-outside-toplevel
+  args = sys.argv[1:] if argv is None else list(argv)
+  return cli.main(["export", "--format", "slim", *args])
 
 
 if __name__ == "__main__":

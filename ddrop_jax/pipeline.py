@@ -214,11 +214,14 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
     record = {"amount": cfg.amount, "prune_scope": cfg.prune_scope,
               "evaluation": evals, "pruned_units": counts, "pruned": pruned}
     env.workdir.mkdir(parents=True, exist_ok=True)
-    (env.workdir / PRUNE_FILE).write_text(json.dumps(
-        jax.tree.map(lambda x: x, record), indent=1, default=float))
+    (env.workdir / PRUNE_FILE).write_text(json.dumps(record, indent=1,
+                                                     default=float))
+    pick = evals.get(config["select_on"])
+    env.report.add_stage("prune", {"steps": 0, "seconds": 0.0, "final": pick,
+                                   "best": pick, "best_step": 0,
+                                   "evaluations": evals})
     env.report.merge({"amount": cfg.amount, "pruned_units": counts,
-                      "pruned": pruned, "stages": {"prune": {
-                          "final": evals}}})
+                      "pruned": pruned})
 
   # 4. Fine-tuning with the masks held fixed.
   if d["ft_epochs"] > 0 and "finetune" in selected:
@@ -258,5 +261,5 @@ def pack(model: Any, variables: Mapping[str, Any], out_dir: pathlib.Path,
   out = slim.export_ddrop(model, variables, out_dir, image_size)
   return {"dir": str(out_dir),
           "files": {k: str(p) for k, p in out.files.items()},
-          "max_abs_diff": {k: float(v) for k, v in out.diffs.items()},
+          "max_abs_diff": {k: float(v) for k, v in out.max_abs_diff.items()},
           "params_slim": int(out.summary.params_after)}

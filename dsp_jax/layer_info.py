@@ -1,9 +1,8 @@
 """Static description of the layers taking part in DSP (spec §0).
 
-The description is plain Python data computed once from shapes (a traced
-``model.init`` under ``jax.eval_shape``, recording each ``Conv`` and
-``BatchNorm`` call through Flax's method interceptor), so it can be closed
-over by jitted functions.
+The description is plain Python data read once from the model's channel-flow
+structure (``models.structure``), so it can be closed over by jitted
+functions.
 
 A taking-part convolution is one that owns a ``gates/logits`` variable: the
 models create gates exactly for the convolutions that take part (every conv
@@ -112,9 +111,9 @@ def analyze(model: nn.Module, image_shape: Sequence[int],
             dtype: Any = jnp.float32) -> LayerInfo:
   """Finds the taking-part convolutions, their shapes and residual blocks.
 
-  Uses the channel-flow structure of ``models.structure`` and checks it
-  against the model's gates (which exist exactly for the taking-part convs);
-  falls back to the gate paths and the recorded layer calls otherwise.
+  Reads the channel-flow structure of ``models.structure`` (the one place
+  where layer roles are derived) and checks it against the model's gates,
+  which the models create exactly for the taking-part convs.
 
   Args:
     model: a Flax model built with ``groups=G`` (so that it creates gates).
@@ -125,20 +124,17 @@ def analyze(model: nn.Module, image_shape: Sequence[int],
     The layer description.
 
   Raises:
-    ValueError: if the model creates no gates.
+    ValueError: if the model creates no gates, or its gates are not on the
+      taking-part convs.
   """
-  from_gates = analyze_from_gates(model, image_shape, dtype)
-  try:
-    from_structure = analyze_from_structure(model, image_shape)
-  except Exception:  # pylint: disable=broad-except
-    return from_gates
-  return from_structure if from_structure == from_gates else from_gates
-
-
-def analyze_from_structure(model: nn.Module,
-                           image_shape: Sequence[int]) -> LayerInfo:
-  """The layer description from ``models.structure.analyze``."""
   from models import structure  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((1, *image_shape), dtype)
+  variables = jax.eval_shape(
+      lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
+  gate_paths = {p[:-1] for p in _flat_paths(variables.get(layers.GATES, {}))}
+  if not gate_paths:
+    raise ValueError(
+        f"{type(model).__name__} has no DSP gates: build it with groups=G")
   st = structure.analyze(model, tuple(image_shape[:2]), image_shape[2])
   convs = []
   for l in st.taking_part:
@@ -147,69 +143,16 @@ def analyze_from_structure(model: nn.Module,
         tuple(l.path), (k[0], k[1], l.in_features, l.out_features),
         tuple(l.in_hw) + (l.in_features,), tuple(l.out_hw) + (l.out_features,),
         None if l.norm is None else tuple(l.norm)))
+  if {c.path for c in convs} != gate_paths:
+    raise ValueError(
+        "the model's gates are not on the taking-part convs (spec §0): gates "
+        f"on {sorted('.'.join(p) for p in gate_paths)}, taking part "
+        f"{['.'.join(c.path) for c in convs]}")
   blocks = []
   for b in st.blocks:
     if len(b.main) == 2 and all(n is not None for _, n in b.main):
       (ca, na), (cb, nb) = b.main
       blocks.append(Block(tuple(ca), tuple(na), tuple(cb), tuple(nb)))
-  return LayerInfo(tuple(convs), tuple(blocks), tuple(image_shape), model)
-
-
-def analyze_from_gates(model: nn.Module, image_shape: Sequence[int],
-                       dtype: Any = jnp.float32) -> LayerInfo:
-  """The layer description from the gate paths and recorded layer calls."""
-  calls: list[tuple[str, Path, tuple, tuple, bool]] = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    mod = context.module
-    if context.method_name == "__call__" and isinstance(
-        mod, (layers.Conv, layers.BatchNorm)):
-      kind = "conv" if isinstance(mod, layers.Conv) else "norm"
-      gated = kind == "conv" and mod.groups is not None
-      calls.append((kind, tuple(mod.scope.path), tuple(args[0].shape[1:]),
-                    tuple(out.shape[1:]), gated))
-    return out
-
-  x = jax.ShapeDtypeStruct((1, *image_shape), dtype)
-
-  def init(x):
-    with nn.intercept_methods(interceptor):
-      return model.init({"params": jax.random.key(0)}, x, train=False)
-
-  variables = jax.eval_shape(init, x)
-  gates = variables.get(layers.GATES, {})
-  gate_paths = {p[:-1] for p in _flat_paths(gates)}
-  if not gate_paths:
-    raise ValueError(
-        f"{type(model).__name__} has no DSP gates: build it with groups=G")
-  convs = []
-  seen = set()
-  for j, (kind, path, ins, outs, gated) in enumerate(calls):
-    if kind != "conv" or path not in gate_paths or path in seen:
-      continue
-    seen.add(path)
-    norm = None
-    # The BatchNorm fed by this conv: the next norm call with the same parent.
-    for kind2, path2, _, _, _ in calls[j + 1:]:
-      if kind2 == "conv":
-        break
-      if kind2 == "norm" and path2[:-1] == path[:-1]:
-        norm = path2
-        break
-    kshape = (ins[-1],) + outs[-1:]
-    k = _lookup(variables["params"], path)["kernel"].shape
-    assert k[2:] == kshape, (k, kshape)
-    convs.append(ConvInfo(path, tuple(k), ins, outs, norm))
-  # Residual blocks: the two taking-part convs of one module (conv_a, conv_b).
-  blocks = []
-  by_parent: dict[Path, list[ConvInfo]] = {}
-  for c in convs:
-    by_parent.setdefault(c.path[:-1], []).append(c)
-  for group in by_parent.values():
-    if len(group) == 2 and all(c.norm is not None for c in group):
-      a, b = group
-      blocks.append(Block(a.path, a.norm, b.path, b.norm))
   return LayerInfo(tuple(convs), tuple(blocks), tuple(image_shape), model)
 
 

@@ -118,6 +118,10 @@ def test_config_hash_ignores_runtime_fields_only():
   assert config_lib.config_hash(a) == config_lib.config_hash(b)
   b.optim.lr = 0.2
   assert config_lib.config_hash(a) != config_lib.config_hash(b)
+  only = ("model", "dsp")
+  assert config_lib.config_hash(a, only) == config_lib.config_hash(b, only)
+  b.dsp.groups = 2
+  assert config_lib.config_hash(a, only) != config_lib.config_hash(b, only)
 
 
 def test_selected_stages_keep_method_order():

@@ -24,22 +24,7 @@ def masked_resnet(name: str, groups: int, seed: int,
   """
   model = models.create_model(name, 10)
   rng = np.random.default_rng(seed)
-  # Shapes only (no init run): random tensors fill them.
-  v = jax.tree.map(lambda s: np.ones(s.shape, np.float32),
-                   jax_side.template(model))
-  for path, leaf in list(tables.leaves(v["params"])):
-    if path[-1] == "kernel":
-      fan_in = np.prod(leaf.shape[:-1])
-      value = rng.normal(0, np.sqrt(2 / fan_in), leaf.shape)
-    else:
-      sign = 1 if path[-1] == "scale" else rng.choice([-1, 1], leaf.shape)
-      value = rng.uniform(0.5, 1.5, leaf.shape) * sign
-    tables.set_path(v["params"], path, value.astype(np.float32))
-  for path, leaf in list(tables.leaves(v["batch_stats"])):
-    tables.set_path(v["batch_stats"], path, (rng.uniform(0.5, 2.0, leaf.shape)
-                                  if path[-1] == "var" else
-                                  rng.normal(0, 0.3, leaf.shape)
-                                  ).astype(np.float32))
+  v = jax_side.random_variables(model, rng)
   for conv in tables.taking_part_convs(v, "cifar_resnet"):
     block, which = tuple(conv.split(".")[:-1]), conv.split(".")[-1][-1]
     kernel = tables.get_path(v["params"], block + (f"conv_{which}", "kernel"))

@@ -17,32 +17,10 @@ from models import resnet, vgg
 ATOL = 1e-4
 
 
-def random_variables(model, seed: int) -> dict:
-  """Variables filled by numpy (no ``model.init`` run: shapes only)."""
-  rng = np.random.default_rng(seed)
-  shapes = jax_side.template(model, getattr(model, "image_size", None) or 32)
-  v = jax_side.to_numpy_tree(
-      jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes))
-  for path, leaf in list(tables.leaves(v["params"])):
-    if path[-1] == "kernel":
-      fan_in = np.prod(leaf.shape[:-1])
-      value = rng.normal(0, np.sqrt(2 / fan_in), leaf.shape)
-    elif path[-1] == "scale":
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:
-      value = rng.normal(0, 0.2, leaf.shape)
-    tables.set_path(v["params"], path, value.astype(np.float32))
-  for path, leaf in list(tables.leaves(v["batch_stats"])):
-    value = (rng.uniform(0.5, 2.0, leaf.shape) if path[-1] == "var"
-             else rng.normal(0, 0.2, leaf.shape))
-    tables.set_path(v["batch_stats"], path, value.astype(np.float32))
-  return v
-
-
 def ddrop_pruned(model, scope: str = "ddrop_layers", amount: float = 0.5,
                  seed: int = 0) -> dict:
   """Random weights, then DDROP pruning (random |gamma| ranks the units)."""
-  v = random_variables(model, seed)
+  v = jax_side.random_variables(model, seed)
   out = pruning.prune(v, selection.ddrop_layers(model),
                       DdropConfig(amount=amount, prune_scope=scope))
   return jax_side.to_numpy_tree(out)
@@ -136,7 +114,7 @@ def test_vgg_layernorm_unit_with_live_row_keeps_width():
   # A LayerNorm unit masked while its Linear row is intact: its pre-norm
   # value varies with the input and enters the statistics, so it must stay.
   model = models.create_model("cifar_vgg_tiny")
-  v = random_variables(model, 3)
+  v = jax_side.random_variables(model, 3)
   v["masks"] = jax_side.to_numpy_tree(pruning.init_masks(v["params"]))
   scale = np.array(v["masks"]["classifier"]["1"]["scale"])
   scale[:8] = 0
@@ -191,7 +169,7 @@ def test_reference_models_slim_exactly(name):
 
 def test_unsupported_family_is_a_clear_error():
   model = models.create_model("cifar_resnet8")
-  v = random_variables(model, 0)
+  v = jax_side.random_variables(model, 0)
   with pytest.raises(ValueError, match="resnet, vgg.*convert.dsp"):
     slim.slim(model, v)
   with pytest.raises(ValueError, match="batch_stats"):

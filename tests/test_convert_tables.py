@@ -13,20 +13,8 @@ from convert import cli, dsp, dsp_torch, jax_side, reference, tables
 
 
 def random_variables(model, seed: int):
-  """Random tensors in the shapes of ``model``'s variables (no init run)."""
-  rng = np.random.default_rng(seed)
-  tmpl = jax_side.template(model)
-
-  def fill(path, s):
-    name = path[-1].key
-    if name == "var":
-      return rng.uniform(0.5, 2.0, s.shape).astype(s.dtype)
-    if path[0].key == "masks":
-      return (rng.random(s.shape) < 0.7).astype(s.dtype)
-    scale = np.sqrt(2.0 / np.prod(s.shape[:-1])) if name == "kernel" else 0.5
-    return rng.normal(0, scale, s.shape).astype(s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, tmpl)
+  """Random tensors in the shapes of ``model``'s variables, random masks."""
+  return jax_side.random_variables(model, seed, mask_density=0.7)
 
 
 def assert_trees_equal(a, b):

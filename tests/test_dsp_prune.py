@@ -121,8 +121,8 @@ def test_layer_info_needs_gates_and_agrees_with_the_structure():
   with pytest.raises(ValueError, match="groups=G"):
     li.analyze(models.create_model("cifar_resnet8"), (32, 32, 3))
   model = models.create_model("cifar_resnet8", groups=2)
-  info = li.analyze_from_gates(model, (32, 32, 3))
-  assert info == li.analyze_from_structure(model, (32, 32, 3))
+  info = li.analyze(model, (32, 32, 3))
+  assert info.paths == tuple(l.path for l in models.analyze(model).taking_part)
   assert [c.name for c in info.convs[:2]] == ["stage_1.0.conv_a",
                                               "stage_1.0.conv_b"]
   c = info.convs[2]   # stage_2.0.conv_a: 4 -> 8 channels, stride 2

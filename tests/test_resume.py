@@ -48,7 +48,8 @@ def _final_params(workdir):
   return step, restored
 
 
-@pytest.mark.slow  # Three real runs (about 1.5 min on 2 cores).
+@pytest.mark.slow  # Three real runs (about 1 min on 2 cores).
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_kill_and_resume_is_bit_identical(tmp_path):
   full, killed = tmp_path / "full", tmp_path / "killed"
   # The uninterrupted run and the run to kill go side by side.

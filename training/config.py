@@ -62,7 +62,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
@@ -70,7 +70,7 @@ METHODS = ("train", "dsp", "ddrop")
 # Stage names per method, in execution order; ``stages='all'`` runs them all.
 STAGES: dict[str, tuple[str, ...]] = {
     "train": ("train",),
-    "dsp": ("pretrain", "group", "finetune", "pack"),
+    "dsp": ("pretrain", "group", "prune_finetune", "pack"),
     "ddrop": ("before", "ddrop", "prune", "finetune", "pack"),
 }
 DATASETS = ("digits", "cifar10", "cifar100")
@@ -263,8 +263,10 @@ SCHEMA: dict[str, Any] = {
         "second_order": F("parity", "Look-ahead group gradient: the "
                           "reference's formula or the exact jvp.",
                           ("parity", "exact")),
-        "pretrained": F("", "Path to a pretrained checkpoint to start group "
-                        "learning from ('' = the pretrain stage's result)."),
+        "init_from": F("", "Input of the first selected stage instead of "
+                       "the previous stage's output in the workdir: a run's "
+                       "stage directory, a `python -m convert import` "
+                       "directory, or a reference-format .pkl ('' = none)."),
     },
     # DDROP (specs/ddrop.md).
     "ddrop": {
@@ -462,9 +464,28 @@ def to_dict(config: Any) -> dict[str, Any]:
   return json.loads(json.dumps(config, default=list))
 
 
-def config_hash(config: Any) -> str:
-  """A short hash of every field that changes results (not RUNTIME_FIELDS)."""
+def config_hash(config: Any, fields: Sequence[str] | None = None) -> str:
+  """A short hash of the fields that change results.
+
+  Args:
+    config: the run config.
+    fields: dotted paths or section names to hash (e.g. ``("model",
+      "dataset", "dsp.pretrain_lr")``); default: every field but
+      ``RUNTIME_FIELDS``.
+
+  Returns:
+    16 hex digits.
+  """
   d = to_dict(config)
-  for k in RUNTIME_FIELDS:
-    d.pop(k, None)
+  if fields is None:
+    for k in RUNTIME_FIELDS:
+      d.pop(k, None)
+  else:
+    picked = {}
+    for path in fields:
+      value = d
+      for part in path.split("."):
+        value = value[part]
+      picked[path] = value
+    d = picked
   return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -91,7 +91,8 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
               workdir: str | pathlib.Path, config: Mapping[str, Any],
               eval_fn: EvalFn | None = None,
               meta: Mapping[str, Any] | None = None,
-              writer: MetricsWriter | None = None) -> StageResult:
+              writer: MetricsWriter | None = None,
+              config_hash: str | None = None) -> StageResult:
   """Runs (or resumes, or skips when done) one stage of training.
 
   Args:
@@ -112,6 +113,10 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
     eval_fn: evaluation, or None.
     meta: extra identity of the checkpoints (e.g. a cycle index).
     writer: metrics writer (default: ``workdir/metrics.jsonl``).
+    config_hash: identity of the settings the stage depends on (default:
+      ``config_lib.config_hash(config)``, every non-runtime field). A method
+      may hash only the sections its stage reads, so that changing a later
+      stage's field does not invalidate finished stages.
 
   Returns:
     The ``StageResult``.
@@ -125,7 +130,7 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
   writer = writer or MetricsWriter(workdir)
   identity = {"stage": name, "method": config["method"],
               "model": config["model"], "dataset": config["dataset"],
-              "config_hash": config_lib.config_hash(config),
+              "config_hash": config_hash or config_lib.config_hash(config),
               "num_steps": int(num_steps), **dict(meta or {})}
   ckpt = ckpt_lib.StageCheckpointer(workdir / name, identity,
                                     keep=config["keep_checkpoints"])
