@@ -75,6 +75,14 @@ def oi11_to_io_mask(x: Array) -> Array:
   return np.ascontiguousarray(np.transpose(x[:, :, 0, 0]))
 
 
+def _square_side(n: int, channels: int, layer: str) -> int:
+  """S of a flattened S x S x ``channels`` map of ``n`` features."""
+  s = math.isqrt(n // channels)
+  if s * s * channels != n:
+    raise ValueError(f"{layer} input {n} is not {channels} channels x S x S")
+  return s
+
+
 def nchw_rows_to_nhwc(weight: Array, channels: int) -> Array:
   """Linear weight (out, C*S*S) flattened (C, H, W) -> Dense kernel (S*S*C, out).
 
@@ -86,9 +94,7 @@ def nchw_rows_to_nhwc(weight: Array, channels: int) -> Array:
     The Flax kernel for an input flattened in NHWC order.
   """
   out, n = weight.shape
-  s = math.isqrt(n // channels)
-  if s * s * channels != n:
-    raise ValueError(f"Linear input {n} is not {channels} x S x S")
+  s = _square_side(n, channels, "Linear")
   w = weight.reshape(out, channels, s, s).transpose(2, 3, 1, 0)
   return np.ascontiguousarray(w.reshape(n, out))
 
@@ -96,9 +102,7 @@ def nchw_rows_to_nhwc(weight: Array, channels: int) -> Array:
 def nhwc_rows_to_nchw(kernel: Array, channels: int) -> Array:
   """Inverse of ``nchw_rows_to_nhwc``: Dense kernel (S*S*C, out) -> (out, C*S*S)."""
   n, out = kernel.shape
-  s = math.isqrt(n // channels)
-  if s * s * channels != n:
-    raise ValueError(f"Dense input {n} is not S x S x {channels}")
+  s = _square_side(n, channels, "Dense")
   w = kernel.reshape(s, s, channels, out).transpose(3, 2, 0, 1)
   return np.ascontiguousarray(w.reshape(out, n))
 

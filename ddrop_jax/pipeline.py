@@ -144,6 +144,21 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
   Returns:
     The report dict (also in ``workdir/report.json``).
   """
+  return execute(config, workdir)[0]
+
+
+def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
+            ) -> tuple[dict[str, Any], TrainState]:
+  """:func:`run`, also returning the final state.
+
+  Args:
+    config: the run config.
+    workdir: the run directory.
+
+  Returns:
+    ``(report, state)``: the report dict and the last stage's state (after
+    ``finetune``: pruned params with their ``masks``).
+  """
   env = pipeline.setup(config, workdir)
   info, mesh, spe = env.info, env.mesh, env.steps_per_epoch
   d = config["ddrop"]
@@ -237,7 +252,7 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
     env.report.merge({"export": pack(model, state.variables(),
                                      env.workdir / EXPORT_DIR,
                                      info.image_size)})
-  return pipeline.finish(env, model, state)
+  return pipeline.finish(env, model, state), state
 
 
 def pack(model: Any, variables: Mapping[str, Any], out_dir: pathlib.Path,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import jax
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import models
-from convert import dsp, jax_side, slim, tables
+from convert import cli, dsp, jax_side, slim
 from convert.torch_zoo import SlimBlock, SlimLayerNorm
 from ddrop_jax import pruning, selection
 from ddrop_jax.config import DdropConfig
@@ -196,15 +199,49 @@ def test_command_line_exports_a_variables_directory(tmp_path, capsys):
   model = models.create_model("cifar_vgg_tiny")
   v = ddrop_pruned(model, seed=6)
   jax_side.save_variables(tmp_path / "vars", "cifar_vgg_tiny", 10, {}, v)
-  assert slim.main([str(tmp_path / "vars"), "--out", str(tmp_path / "out"),
-                    "--no-program"]) == 0
+  # ``python -m convert export`` picks slimming for the vgg family.
+  assert cli.export_format("cifar_vgg_tiny") == "slim"
+  assert cli.export_format("cifar_resnet8") == "packed"
+  assert cli.main(["export", str(tmp_path / "vars"), "--out",
+                   str(tmp_path / "out"), "--no-program"]) == 0
   out = capsys.readouterr().out
   assert "slim.pt" in out and "cifar_vgg_tiny: parameters" in out
   assert (tmp_path / "out" / slim.STATE_DICT).is_file()
   assert not (tmp_path / "out" / slim.PROGRAM).exists()
+  ts = torch.jit.load(str(tmp_path / "out" / slim.TORCHSCRIPT))
+  x = images(model)
+  assert np.max(np.abs(dsp.torch_logits(ts, x) -
+                       jax_side.logits(model, v, x))) <= ATOL
+  # The wrong format for the family, or --stage with slim: exit 2, named.
+  assert cli.main(["export", str(tmp_path / "vars"), "--out",
+                   str(tmp_path / "o1"), "--format", "packed"]) == 2
+  assert "packed export supports the families cifar_resnet" in (
+      capsys.readouterr().err)
+  assert cli.main(["export", str(tmp_path / "vars"), "--out",
+                   str(tmp_path / "o1"), "--stage", "finetuned"]) == 2
+  assert "--stage" in capsys.readouterr().err
+  assert not (tmp_path / "o1").exists()
+  # ``python -m convert.slim`` is the same command with --format slim.
   assert slim.main([str(tmp_path / "missing"), "--out",
                     str(tmp_path / "o2")]) == 2
   assert "not a converted-variables directory" in capsys.readouterr().err
+
+
+def test_command_line_subprocess_slims_a_resnet(tmp_path):
+  model = models.create_model("cifar_resnet10_tiny")
+  v = ddrop_pruned(model, scope="all", seed=8)
+  jax_side.save_variables(tmp_path / "vars", "cifar_resnet10_tiny", 10, {}, v)
+  root = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+      [sys.executable, "-m", "convert", "export", str(tmp_path / "vars"),
+       "--out", str(tmp_path / "out"), "--format", "slim", "--no-program"],
+      cwd=root, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert "cifar_resnet10_tiny: parameters" in proc.stdout
+  io = np.load(tmp_path / "out" / slim.REFERENCE_IO)
+  ts = torch.jit.load(str(tmp_path / "out" / slim.TORCHSCRIPT))
+  assert np.max(np.abs(dsp.torch_logits(ts, io["images"]) -
+                       jax_side.logits(model, v, io["images"]))) <= ATOL
 
 
 def test_vgg_layer_without_units_is_a_clear_error():

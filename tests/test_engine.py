@@ -208,7 +208,8 @@ def test_run_stage_resumes_and_skips_finished_stage(tmp_path):
                                 full.state.params["w"])
   again, evals = _toy_stage(tmp_path / "b", 10)
   assert again.steps == 10 and evals == []  # Done: nothing re-run.
-  assert full.best_step == 10 and full.summary("test")["best"]["accuracy"] > 0
+  summary = full.summary("test")
+  assert full.best_step == 10 and summary["best"]["test"]["accuracy"] > 0
   with pytest.raises(ckpt_lib.CheckpointError, match="num_steps"):
     _toy_stage(tmp_path / "b", 12)
 
@@ -244,3 +245,25 @@ def test_cross_entropy_matches_torch():
   got = float(jnp.mean(steps.cross_entropy(jnp.asarray(logits),
                                            jnp.asarray(labels))))
   assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_report_merges_saves_and_summarises(tmp_path):
+  from training.report import MetricsWriter, Report
+  r = Report(tmp_path, method="dsp", model="cifar_resnet20", dataset="digits")
+  r.add_stage("group", {"steps": 5, "seconds": 1.5,
+                        "final": {"test": {"accuracy": 0.5}},
+                        "best": {"test": {"accuracy": 0.75}}})
+  r.merge({"pruning": {"p_flops": 60.0}, "params": 1000})
+  r.merge({"pruning": {"p_params": np.float32(50.0)}})
+  r.save()
+  again = Report(tmp_path)  # A resumed run keeps what was reported.
+  assert again.data["pruning"] == {"p_flops": 60.0, "p_params": 50.0}
+  text = again.summary()
+  assert "group" in text and "50.00" in text and "75.00" in text
+  assert "pruning" in text
+  w = MetricsWriter(tmp_path, tensorboard=False)
+  for step in (1, 2, 3):
+    w.write("s", step, "train", {"loss": jnp.float32(step)})
+  w.truncate("s", 1)
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [1]

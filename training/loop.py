@@ -67,11 +67,11 @@ class StageResult:
   best_step: int | None
 
   def summary(self, select_on: str) -> dict[str, Any]:
-    """The stage entry of report.json."""
-    pick = lambda ev: None if ev is None else ev.get(select_on)
+    """The stage entry of report.json: ``final`` and ``best`` are
+    ``{split: metrics}``; ``best`` is chosen by ``select_on``'s accuracy."""
     return {"steps": self.steps, "seconds": round(self.seconds, 2),
-            "final": pick(self.final), "best": pick(self.best),
-            "best_step": self.best_step, "evaluations": self.final}
+            "select_on": select_on, "final": self.final, "best": self.best,
+            "best_step": self.best_step}
 
 
 def _mean_metrics(sums: dict[str, float], n: int) -> dict[str, float]:

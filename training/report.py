@@ -126,6 +126,16 @@ _SUMMARY_SKIP = ("method", "model", "dataset", "params", "macs", "stages",
                  "pparams_whole_model")
 
 
+def _test_accuracy(evals: Mapping[str, Any] | None) -> float | None:
+  """Test accuracy of an evaluation ``{split: metrics}`` (or flat metrics)."""
+  if not evals:
+    return None
+  if "accuracy" in evals:
+    return evals["accuracy"]
+  split = evals.get("test") or next(iter(evals.values()))
+  return split.get("accuracy")
+
+
 class Report:
   """The run summary (``report.json``).
 
@@ -171,12 +181,12 @@ class Report:
       macs = d.get("macs")
       lines.append(f"params {d['params']:,}" + (
           f" | MACs {macs:,}" if isinstance(macs, (int, float)) else ""))
-    header = f"{'stage':<12}{'steps':>8}{'seconds':>10}{'final acc':>11}" \
-             f"{'best acc':>10}"
+    header = (f"{'stage':<12}{'steps':>8}{'seconds':>10}{'final acc':>11}"
+              f"{'best acc':>10}   (test accuracy; best by select_on)")
     lines += [header, "-" * len(header)]
     for name, s in d["stages"].items():
-      final = (s.get("final") or {}).get("accuracy")
-      best = (s.get("best") or {}).get("accuracy")
+      final = _test_accuracy(s.get("final"))
+      best = _test_accuracy(s.get("best"))
       fmt = lambda a: "-" if a is None or (isinstance(a, float) and
                                            math.isnan(a)) else f"{100 * a:.2f}"
       lines.append(f"{name:<12}{s.get('steps', 0):>8}"
