@@ -1,12 +1,14 @@
 """CPU inference latency of dense vs DSP-packed ResNet-56, in JAX and TorchScript.
 
-Run from the repository root::
+Run from the repository root (one thread each for XLA and PyTorch)::
 
-  python bench/export_latency.py --threads 2 --repeats 10
+  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+    python bench/export_latency.py --threads 1 --warmup 5 --repeats 10
 
 Three comparisons, each at batch 1 and 128 (``--batches``), the median of
 ``--repeats`` timed calls after ``--warmup`` untimed ones (the TorchScript
-profiling executor optimises a graph during its first calls):
+profiling executor optimises a graph during its first calls, which take up
+to a second):
 
 * JAX: the jitted eval-mode apply of ResNet-56 with random weights (dense)
   vs the same model under the masks of a DSP prune (g=4, random group logits,
@@ -17,11 +19,13 @@ profiling executor optimises a graph during its first calls):
 * the released ``resnet56_g3.pt`` (``--released``) vs our export of the same
   structure (imported with ``convert.dsp.import_packed``, exported again).
 
-Threads: ``torch.set_num_threads(--threads)`` sets PyTorch's intra-op pool
-(default: torch's own, usually the core count). XLA's CPU client sizes its
-pool from the cores when JAX starts; ``--threads`` cannot change it, so the
-JAX rows use every core. Timings on a shared, loaded machine vary from run to
-run: compare rows of one run, not runs.
+Threads: ``--threads`` calls ``torch.set_num_threads`` (default 1). On a
+machine whose cores other processes share, more PyTorch threads than free
+cores make latencies erratic (seconds instead of milliseconds: the pool's
+threads wait on each other), so one thread gives comparable rows. XLA sizes
+its CPU pool when JAX starts, from ``XLA_FLAGS`` (as in the command above) or
+else from the core count; the script cannot change it later. Timings on a
+shared, loaded machine vary from run to run: compare rows of one run.
 """
 
 from __future__ import annotations
@@ -120,7 +124,9 @@ def dense_torchscript(variables: dict[str, Any]) -> torch.jit.ScriptModule:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
       return dsp_torch.dense_forward(sd, x)
 
-  with torch.no_grad():
+  # The state dict's tensors become constants of the trace, as wanted.
+  with torch.no_grad(), warnings.catch_warnings():
+    warnings.simplefilter("ignore", torch.jit.TracerWarning)
     return torch.jit.trace(Dense().eval(), torch.zeros(1, 3, 32, 32),
                            check_trace=False)
 
@@ -131,14 +137,13 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--rate", type=float, default=0.6,
                   help="target P.FLOPS of the prune (fraction)")
   ap.add_argument("--batches", type=int, nargs="+", default=[1, 128])
-  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--warmup", type=int, default=5)
   ap.add_argument("--repeats", type=int, default=10)
-  ap.add_argument("--threads", type=int,
-                  help="torch.set_num_threads (default: torch's)")
+  ap.add_argument("--threads", type=int, default=1,
+                  help="torch.set_num_threads")
   ap.add_argument("--released", type=pathlib.Path, default=RELEASED)
   args = ap.parse_args(argv)
-  if args.threads:
-    torch.set_num_threads(args.threads)
+  torch.set_num_threads(args.threads)
   print(f"torch threads {torch.get_num_threads()}, JAX {jax.devices()[0]}, "
         f"warm-up {args.warmup}, median of {args.repeats}")
 

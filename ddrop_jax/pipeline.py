@@ -36,6 +36,7 @@ import pathlib
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import models
@@ -91,7 +92,7 @@ def _phase_state(state: TrainState, tx: Any, phase: str, mesh: Any,
                  extra: Any = None) -> TrainState:
   """``state`` with a fresh optimizer, step 0 and the phase's rng stream."""
   state = state.replace(
-      step=jax.numpy.zeros([], jax.numpy.int32),
+      step=jnp.zeros([], jnp.int32),
       opt_state=tx.init(state.params),
       rng=jax.random.fold_in(state.rng, _PHASE_INDEX[phase]),
       extra={} if extra is None else extra)

@@ -223,13 +223,15 @@ def _state(model: Any, tx: Any, config: Mapping[str, Any], env: pipeline.Env,
 
 
 def _run(name, state, step_fn, num_steps, config, env, model, seed_offset,
-         meta=None) -> loop.StageResult:
+         meta=None, eval_fn=None) -> loop.StageResult:
+  """``loop.run_stage`` with the stage's own data order (``seed_offset``)."""
   return loop.run_stage(
       name, state, step_fn, num_steps=num_steps,
       train_data=pipeline.train_data(config, env, seed_offset),
       steps_per_epoch=env.steps_per_epoch, mesh=env.mesh,
       workdir=env.workdir, config=config,
-      eval_fn=pipeline.make_evaluator(config, env, model), meta=meta)
+      eval_fn=eval_fn or pipeline.make_evaluator(config, env, model),
+      meta=meta)
 
 
 def _test_acc(evals: Mapping[str, Any] | None) -> float | None:
@@ -332,18 +334,22 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
                       groups=d["groups"], rate=d["prune_rate"],
                       fp_every=d["fp_every"])
   best, best_res, cycles, last = None, None, [], None
+  # Every cycle has the same optimizer and schedule, started afresh from
+  # ``tx.init``: one jitted step and evaluator serve all cycles.
+  tx = dsp_jax.cycle_optimizer(d["finetune_lr"], epochs, spe, d["momentum"],
+                               d["finetune_wd"])
+  step_fn = steps.make_train_step(
+      model, tx, info, env.mesh, dtype=env.dtype,
+      lr_schedule=dsp_jax.cycle_schedule(d["finetune_lr"], epochs, spe))
+  eval_fn = pipeline.make_evaluator(config, env, model)
   for cycle in range(d["cycles"]):
-    tx = dsp_jax.cycle_optimizer(d["finetune_lr"], epochs, spe, d["momentum"],
-                                 d["finetune_wd"])
     start = {"params": res.params, "batch_stats": variables["batch_stats"],
              "masks": res.masks, "gates": gates}
     state = _state(model, tx, config, env, start, masks=True, gates=True)
-    step_fn = steps.make_train_step(
-        model, tx, info, env.mesh, dtype=env.dtype,
-        lr_schedule=dsp_jax.cycle_schedule(d["finetune_lr"], epochs, spe))
     name = f"prune_finetune/cycle_{cycle + 1}"
     result = _run(name, state, step_fn, epochs * spe, config, env, model,
-                  2 + cycle, meta={"cycle": cycle + 1, "beta": res.beta})
+                  2 + cycle, meta={"cycle": cycle + 1, "beta": res.beta},
+                  eval_fn=eval_fn)
     env.report.add_stage(name, result.summary(config["select_on"]))
     _, _, _, cand = jax_side.load_stage_checkpoint(env.workdir / name)
     acc = float(result.best[config["select_on"]]["accuracy"])

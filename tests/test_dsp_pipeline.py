@@ -31,7 +31,7 @@ def _config(**dsp):
   c.dsp.group_epochs = 1
   c.dsp.finetune_epochs = 2
   c.dsp.cycles = 2
-  c.dsp.prune_rate = 0.5
+  c.dsp.prune_rate = 0.7
   for k, v in dsp.items():
     c.dsp[k] = v
   return c
@@ -54,7 +54,7 @@ def test_stages_run_in_order_and_write_artifacts(full_run):
       order.append(stage)
   assert order == STAGES
   for stage, ref in (("pretrain", "resnet8.pkl"), ("group", "resnet8_G0g2.pkl"),
-                     ("prune_finetune", "resnet8_P0g2c0.50.pkl")):
+                     ("prune_finetune", "resnet8_P0g2c0.70.pkl")):
     assert (workdir / stage / "output" / "variables.npz").is_file()
     sd, acc = ref_lib.read_state_dict(workdir / stage / ref)
     assert ref_lib.reference_stage(sd) == {
@@ -106,7 +106,7 @@ def test_prune_finetune_alone_from_group_stage(full_run, tmp_path):
   # Same group-learned input and config: the same prune.
   assert again["beta"] == report["beta"]
   assert again["structure"] == report["structure"]
-  assert (tmp_path / "prune_finetune" / "resnet8_P0g2c0.50.pkl").is_file()
+  assert (tmp_path / "prune_finetune" / "resnet8_P0g2c0.70.pkl").is_file()
   assert not (tmp_path / "pretrain").exists()
   assert not (tmp_path / "export").exists()
 

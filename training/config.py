@@ -489,3 +489,23 @@ def config_hash(config: Any, fields: Sequence[str] | None = None) -> str:
       picked[path] = value
     d = picked
   return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe() -> str:
+  """Markdown table of every field: name, default, valid values, meaning."""
+  rows = ["| field | default | valid | meaning |", "|---|---|---|---|"]
+  for path, f in fields().items():
+    if f.choices is not None:
+      valid = ", ".join(f"`{c}`" for c in f.choices)
+    elif f.min is not None or f.max is not None:
+      valid = (f"[{'' if f.min is None else f.min}, "
+               f"{'' if f.max is None else f.max}]")
+    else:
+      valid = ""
+    doc = f.doc.replace("|", "\\|")
+    rows.append(f"| `{path}` | `{f.default!r}` | {valid} | {doc} |")
+  return "\n".join(rows)
+
+
+if __name__ == "__main__":
+  print(describe())
