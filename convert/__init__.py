@@ -5,8 +5,12 @@
 * ``convert.packing``   DSP packing as data (numpy);
 * ``convert.dsp_torch`` the packed PyTorch modules, tracing, reading back;
 * ``convert.dsp``       ``export_packed`` / ``import_packed``;
-* ``convert.jax_side``  Flax models/variables and the variables directory;
-* ``python -m convert`` ``import`` / ``export`` / ``inspect``.
+* ``convert.slim``      DDROP export: pruned ResNets/VGG-bns slimmed to
+  ``convert.torch_zoo`` modules;
+* ``convert.jax_side``  Flax models/variables, the variables directory,
+  random variables for checks and benchmarks;
+* ``python -m convert`` ``import`` / ``export`` (packed for the DSP
+  CifarResNet, slim for ResNet/VGG; ``--format``) / ``inspect``.
 
 Submodules are imported on use, so ``import convert`` does not load torch.
 """

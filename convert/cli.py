@@ -239,8 +239,8 @@ def inspect(src: str | pathlib.Path, model_name: str | None = None) -> str:
   return "\n".join(lines)
 
 
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-  """The ``export`` command's arguments (also ``python -m convert.slim``'s)."""
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
+  """The ``export`` command's arguments."""
   p.add_argument("variables", help="a variables directory (model.json) or a "
                  "run's stage directory (meta.json + checkpoints)")
   p.add_argument("--which", choices=("best", "latest"), default="best",
@@ -259,8 +259,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                  help="skip the torch.export (.pt2) program")
 
 
-def run_export(args: argparse.Namespace) -> None:
-  """Runs ``export_dir`` for parsed ``export`` arguments and prints the files."""
+def _run_export(args: argparse.Namespace) -> None:
+  """Exports for parsed ``export`` arguments; prints files and differences."""
   model, variables, info = jax_side.load_source(args.variables, args.which)
   r = _export(model, variables, info, args.out, args.stage, args.accuracy,
               not args.no_program, args.export_format, args.image_size)
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", required=True)
   p.add_argument("--model", help="registry name (state dicts of other "
                  "architectures than the DSP CifarResNet)")
-  add_export_arguments(sub.add_parser(
+  _add_export_arguments(sub.add_parser(
       "export", help="variables or run stage dir -> packed (DSP) or slimmed "
       "(DDROP) PyTorch files"))
   p = sub.add_parser("inspect", help="tree, branches, FLOPs of a file/dir")
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"max |logits(JAX) - logits(TorchScript)| = "
               f"{info['meta']['max_abs_diff']:.3g}")
     elif args.command == "export":
-      run_export(args)
+      _run_export(args)
     else:
       print(inspect(args.src, args.model))
   except (ValueError, KeyError, FileNotFoundError) as e:

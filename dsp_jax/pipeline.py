@@ -356,8 +356,8 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
     new_best = dsp_jax.update_best(best, acc, cycle + 1, cand["params"],
                                    cand["batch_stats"], res.p_flops)
     if new_best is not best:
-      best, best_res = new_best, res
-      best_vars = cand
+      best, best_res, best_vars = new_best, res, cand
+      best_test = _test_acc(result.best)
     cycles.append({"cycle": cycle + 1, "beta": res.beta,
                    "pflops_reference": res.p_flops,
                    "final": _test_acc(result.final),
@@ -379,8 +379,7 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
   env.report.merge(figures)
   print(dsp_jax.format_table(best_res), flush=True)
   _save_output(env, "prune_finetune", config, info.num_classes, best_vars,
-               _test_acc(last.best) if config["select_on"] == "test"
-               else best.metric, meta=figures)
+               best_test, meta=figures)
   return best_vars
 
 
@@ -463,10 +462,12 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
     env.report.merge({k: v for k, v in meta.get("meta", {}).items()
                       if k not in env.report.data})
   groups = config["dsp"]["groups"]
-  model = models.create_model(config["model"], env.info.num_classes,
-                              groups=groups if variables.get("gates") else None)
-  env.report.merge(pipeline.model_figures(model, variables,
-                                          env.info.image_size))
+  if variables is not None:
+    model = models.create_model(
+        config["model"], env.info.num_classes,
+        groups=groups if variables.get("gates") else None)
+    env.report.merge(pipeline.model_figures(model, variables,
+                                            env.info.image_size))
   env.report.merge({"groups": groups})
   env.report.save()
   if jax.process_index() == 0:
