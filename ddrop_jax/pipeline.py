@@ -164,7 +164,7 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
   info, mesh, spe = env.info, env.mesh, env.steps_per_epoch
   d = config["ddrop"]
   selected = config_lib.selected_stages(config)
-  model = models.create_model(config["model"], info.num_classes)
+  model = pipeline.build_model(config, info.num_classes)
   section = phase_optim(config, config["model"])
 
   def make_tx(epochs: int, lr: float):

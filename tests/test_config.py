@@ -145,3 +145,18 @@ def test_run_py_rejects_before_any_work(tmp_path, override, message):
   assert r.returncode != 0
   assert message in r.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_width_factor_follows_the_dataset_and_is_rejected_elsewhere():
+  from training import pipeline  # pylint: disable=import-outside-toplevel
+  config = config_lib.default_config()
+  config.model = "cifar_resnet18"
+  config.dataset = "cifar100"
+  assert pipeline.build_model(config, 100).factor == 2
+  config.dataset = "cifar10"
+  assert pipeline.build_model(config, 10).factor == 1
+  config.width_factor = 3
+  assert pipeline.build_model(config, 10).factor == 3
+  config.model = "cifar_resnet20"
+  with pytest.raises(config_lib.ConfigError, match="width_factor"):
+    pipeline.build_model(config, 10)

@@ -178,6 +178,9 @@ SCHEMA: dict[str, Any] = {
     # Model.
     "model": F("cifar_resnet20", "Registry name (models.list_models()).",
                check=_model_name),
+    "width_factor": F(0, "Width factor f of the CIFAR torchvision-layout "
+                      "ResNets (stages 8f..64f); 0 = the reference's rule: 2 "
+                      "for cifar100, 1 otherwise.", min=0),
     "dtype": F("float32", "Compute dtype of the inputs/activations.", DTYPES),
     # Plain training recipe (method='train').
     "epochs": F(164, "Training epochs of method='train'.", min=1),
