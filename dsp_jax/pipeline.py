@@ -243,7 +243,7 @@ def pretrain(config, env, variables) -> dict[str, Any]:
   """§1: plain training; returns the best variables (by ``select_on``)."""
   d = config["dsp"]
   spe = env.steps_per_epoch
-  model = models.create_model(config["model"], env.info.num_classes)
+  model = pipeline.build_model(config, env.info.num_classes)
   lr_fn = optim.dsp_step(d["pretrain_lr"], d["pretrain_epochs"], spe,
                          config["optim"]["warmup_epochs"],
                          config["optim"]["warmup_factor"])
@@ -264,12 +264,8 @@ def group(config, env, variables) -> dict[str, Any]:
   """§2: differentiable group learning; returns the final variables."""
   d = config["dsp"]
   spe = env.steps_per_epoch
-  if (d["gate_b1"], d["gate_b2"], d["gate_eps"]) != (0.9, 0.999, 1e-12):
-    raise ValueError("dsp.gate_b1/gate_b2/gate_eps: the group step uses the "
-                     "reference's Adam (0.9, 0.999, 1e-12); other values are "
-                     "not supported")
-  model = models.create_model(config["model"], env.info.num_classes,
-                              groups=d["groups"])
+  model = pipeline.build_model(config, env.info.num_classes,
+                               groups=d["groups"])
   info = env.info
   layer_info = dsp_jax.analyze(model, (info.image_size, info.image_size,
                                        info.channels))
@@ -324,8 +320,7 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
   if not variables.get("gates"):
     raise ValueError("stage 'prune_finetune' needs a group-learned checkpoint "
                      "(with group logits); run stage 'group' first")
-  model = models.create_model(config["model"], info.num_classes,
-                              groups=d["groups"])
+  model = pipeline.build_model(config, info.num_classes, groups=d["groups"])
   layer_info = dsp_jax.analyze(model, (info.image_size, info.image_size,
                                        info.channels))
   gates = variables["gates"]
@@ -390,9 +385,9 @@ def pack(config, env, variables) -> dict[str, Any]:
     raise ValueError("stage 'pack' needs a pruned checkpoint (with masks); "
                      "run stage 'prune_finetune' first")
   d = config["dsp"]
-  model = models.create_model(config["model"], env.info.num_classes,
-                              groups=d["groups"] if variables.get("gates")
-                              else None)
+  model = pipeline.build_model(
+      config, env.info.num_classes,
+      groups=d["groups"] if variables.get("gates") else None)
   result = convert_dsp.export_packed(model, variables, env.workdir / EXPORT,
                                      image_size=env.info.image_size)
   env.report.merge({"export": {
@@ -463,8 +458,8 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
                       if k not in env.report.data})
   groups = config["dsp"]["groups"]
   if variables is not None:
-    model = models.create_model(
-        config["model"], env.info.num_classes,
+    model = pipeline.build_model(
+        config, env.info.num_classes,
         groups=groups if variables.get("gates") else None)
     env.report.merge(pipeline.model_figures(model, variables,
                                             env.info.image_size))

@@ -173,6 +173,18 @@ class Dense(nn.Module):
     return unit_dropout(self, y, train)
 
 
+def _masked_affine(module: nn.Module, c: int,
+                   scale_init: Initializer) -> tuple[Array, Array]:
+  """A norm's (scale, bias), both multiplied by its channel mask if present."""
+  scale = module.param("scale", scale_init, (c,), module.param_dtype)
+  bias = module.param("bias", nn.initializers.zeros, (c,), module.param_dtype)
+  mask = _optional_variable(module, MASKS, "scale", jnp.ones, (c,),
+                            module.param_dtype)
+  if mask is None:
+    return scale, bias
+  return scale * mask, bias * mask
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over the last axis with PyTorch's numerics and a channel mask.
 
@@ -190,17 +202,11 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     c = x.shape[-1]
-    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    scale, bias = _masked_affine(self, c, self.scale_init)
     mean_v = self.variable("batch_stats", "mean", jnp.zeros, (c,),
                            self.param_dtype)
     var_v = self.variable("batch_stats", "var", jnp.ones, (c,),
                           self.param_dtype)
-    mask = _optional_variable(self, MASKS, "scale", jnp.ones, (c,),
-                              self.param_dtype)
-    if mask is not None:
-      scale = scale * mask
-      bias = bias * mask
     dtype = jnp.result_type(x.dtype, scale.dtype)
     x = x.astype(dtype)
     axes = tuple(range(x.ndim - 1))
@@ -227,14 +233,7 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    mask = _optional_variable(self, MASKS, "scale", jnp.ones, (c,),
-                              self.param_dtype)
-    if mask is not None:
-      scale = scale * mask
-      bias = bias * mask
+    scale, bias = _masked_affine(self, x.shape[-1], nn.initializers.ones)
     dtype = jnp.result_type(x.dtype, scale.dtype)
     x = x.astype(dtype)
     mean = jnp.mean(x, axis=-1, keepdims=True)

@@ -439,3 +439,21 @@ def test_normalize_and_cifar_augment():
       np.asarray(aug), rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="channels"):
     augment.normalize(images, mean[:2], std[:2])
+
+
+def test_digits_are_never_flipped_but_cifar_images_are(digits_dir,
+                                                       cifar10_dir):
+  from training import steps  # pylint: disable=import-outside-toplevel
+  assert not data.get_info("digits", digits_dir).hflip
+  assert data.get_info("cifar10", cifar10_dir[0]).hflip
+  images = np.tile(np.arange(32, dtype=np.uint8)[None, None, :, None],
+                   (64, 32, 1, 3))
+  rng = jax.random.key(0)
+  cropped = augment.random_crop_flip(rng, jnp.asarray(images), 0, flip=False)
+  np.testing.assert_array_equal(cropped, images)
+  flipped = augment.random_crop_flip(rng, jnp.asarray(images), 0)
+  assert (np.asarray(flipped)[:, 0, 0, 0] == 31).any()
+  info = data.get_info("digits", digits_dir)
+  x = steps.preprocess(rng, jnp.asarray(images), info)
+  # Columns still increase left to right in every image: no flip.
+  assert (np.diff(np.asarray(x)[:, 5, 4:28, 0], axis=-1) > 0).all()

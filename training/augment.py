@@ -43,7 +43,7 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
 
 
 def random_crop_flip(rng: jax.Array, images: jax.Array,
-                     pad: int = 4) -> jax.Array:
+                     pad: int = 4, flip: bool = True) -> jax.Array:
   """Per-image random crop with zero padding, then random horizontal flip.
 
   Each image is padded by ``pad`` zero pixels on every side and an H x W
@@ -55,6 +55,7 @@ def random_crop_flip(rng: jax.Array, images: jax.Array,
     rng: a ``jax.random.key``.
     images: [N, H, W, C] images, any dtype.
     pad: padding on each side (0 disables the crop).
+    flip: random horizontal flips (False: crop only).
 
   Returns:
     Augmented images, same shape and dtype.
@@ -70,11 +71,14 @@ def random_crop_flip(rng: jax.Array, images: jax.Array,
     return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
 
   cropped = jax.vmap(crop)(padded, offsets)
-  flip = jax.random.bernoulli(flip_rng, 0.5, (n,))
-  return jnp.where(flip[:, None, None, None], cropped[:, :, ::-1], cropped)
+  if not flip:
+    return cropped
+  flips = jax.random.bernoulli(flip_rng, 0.5, (n,))
+  return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1], cropped)
 
 
 def cifar_augment(rng: jax.Array, images: jax.Array, pad: int = 4, *,
+                  flip: bool = True,
                   mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None,
                   dtype: jnp.dtype = jnp.float32) -> jax.Array:
@@ -87,6 +91,7 @@ def cifar_augment(rng: jax.Array, images: jax.Array, pad: int = 4, *,
     rng: a ``jax.random.key``.
     images: uint8 [N, H, W, C] batch.
     pad: zero padding of the random crop (4 for CIFAR).
+    flip: random horizontal flips.
     mean: per-channel mean (0..1 scale); None: no normalisation.
     std: per-channel standard deviation (0..1 scale); with ``mean``.
     dtype: output dtype.
@@ -98,7 +103,7 @@ def cifar_augment(rng: jax.Array, images: jax.Array, pad: int = 4, *,
   """
   if (mean is None) != (std is None):
     raise ValueError("Give both mean and std, or neither.")
-  out = random_crop_flip(rng, images, pad)
+  out = random_crop_flip(rng, images, pad, flip)
   if mean is None:
     return out.astype(dtype)
   return normalize(out, mean, std, dtype)

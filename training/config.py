@@ -249,12 +249,8 @@ SCHEMA: dict[str, Any] = {
         "group_lr": F(0.05, "Group learning lr (cosine per epoch).", min=0.0),
         "group_wd": F(1e-3, "Group learning weight decay (coupled).",
                       min=0.0),
-        "gate_lr": F(1e-3, "Adam lr of the group logits.", min=0.0),
-        "gate_b1": F(0.9, "Adam beta1 of the group logits.", min=0.0,
-                     max=1.0),
-        "gate_b2": F(0.999, "Adam beta2 of the group logits.", min=0.0,
-                     max=1.0),
-        "gate_eps": F(1e-12, "Adam epsilon of the group logits.", min=0.0),
+        "gate_lr": F(1e-3, "Adam lr of the group logits (betas 0.9, 0.999, eps "
+                    "1e-12, as the reference).", min=0.0),
         "finetune_epochs": F(400, "Fine-tuning epochs in total (split evenly "
                              "over `cycles`).", min=1),
         "finetune_lr": F(0.015, "Fine-tuning lr (cosine per cycle).",

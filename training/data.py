@@ -99,6 +99,8 @@ class DatasetInfo:
       > 0: ``train`` reduced and ``holdout`` added).
     mean: per-channel mean on the 0..1 scale.
     std: per-channel standard deviation on the 0..1 scale.
+    hflip: whether a horizontal flip keeps the label (training augmentation
+      flips only then; a mirrored digit is a different glyph).
   """
   name: str
   num_classes: int
@@ -107,6 +109,11 @@ class DatasetInfo:
   splits: dict[str, int]
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  hflip: bool = True
+
+
+# Datasets whose labels a horizontal flip would change.
+_NO_HFLIP = frozenset({"digits"})
 
 
 def default_data_dir() -> str:
@@ -364,7 +371,7 @@ def get_info(name: str, data_dir: str | None = None, *,
   return DatasetInfo(
       name=name, num_classes=builder.info.features[label_key].num_classes,
       image_size=shape[0], channels=shape[2], splits=splits,
-      mean=tuple(mean), std=tuple(std))
+      mean=tuple(mean), std=tuple(std), hflip=name not in _NO_HFLIP)
 
 
 def _process_layout(process_index: int | None,

@@ -47,8 +47,8 @@ def preprocess(rng: jax.Array | None, images: jax.Array, info: Any,
   """uint8 NHWC images -> normalised float images (augmented when rng).
 
   Args:
-    rng: augmentation key (random crop with 4-pixel padding + flip), or None
-      for evaluation.
+    rng: augmentation key (random crop with 4-pixel padding, + horizontal
+      flip where ``info.hflip``), or None for evaluation.
     images: uint8 [B, H, W, C].
     info: the dataset's ``DatasetInfo`` (``mean``, ``std``).
     dtype: output dtype.
@@ -58,7 +58,7 @@ def preprocess(rng: jax.Array | None, images: jax.Array, info: Any,
   """
   from training import augment  # Lazily: only steps need it.
   if rng is not None:
-    images = augment.cifar_augment(rng, images)
+    images = augment.cifar_augment(rng, images, flip=info.hflip)
   return augment.normalize(images, info.mean, info.std, dtype=dtype)
 
 
