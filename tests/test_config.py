@@ -51,7 +51,7 @@ def test_seed_readme_flags_have_fields():
   assert (c.dsp.pretrain_epochs, c.dsp.group_epochs, c.dsp.finetune_epochs,
           c.dsp.cycles) == (164, 120, 400, 5)
   assert (c.dsp.group_lr, c.dsp.finetune_lr, c.dsp.regularize,
-          c.dsp.temperature, c.dsp.gate_eps) == (0.05, 0.015, 2e-3, 0.5, 1e-12)
+          c.dsp.temperature, c.dsp.gate_lr) == (0.05, 0.015, 2e-3, 0.5, 1e-3)
 
 
 @pytest.mark.parametrize("change, message", [
