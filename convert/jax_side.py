@@ -218,8 +218,9 @@ def load_source(source: str | os.PathLike, which: str = "best"
   """Model, variables and info of a variables or training stage directory.
 
   Args:
-    source: a ``save_variables`` directory (``model.json``) or a run's stage
-      directory (``meta.json`` and orbax checkpoints).
+    source: a ``save_variables`` directory (``model.json``), a run's stage
+      directory (``meta.json`` and orbax checkpoints), or a run's workdir
+      (``report.json``: its last written ``<stage>/output``).
     which: ``best`` or ``latest`` checkpoint of a stage directory.
 
   Returns:
@@ -228,6 +229,15 @@ def load_source(source: str | os.PathLike, which: str = "best"
     directory.
   """
   source = pathlib.Path(source)
+  if (source / "report.json").is_file() and not (source / "model.json").is_file():
+    # A run's workdir: the stage output written last is the run's result.
+    outputs = sorted(source.glob("*/output/model.json"),
+                     key=lambda p: p.stat().st_mtime)
+    if not outputs:
+      raise ValueError(f"{source} is a run directory without any stage output "
+                       "(expected <stage>/output/model.json); pass one of its "
+                       "stage directories instead")
+    source = outputs[-1].parent
   if (source / "meta.json").is_file() and not (source / "model.json").is_file():
     name, classes, overrides, variables = load_stage_checkpoint(source, which)
     model = models.create_model(name, classes, **overrides)

@@ -95,6 +95,10 @@ def test_packed_torchscript_matches_pruned_model(full_run):
   with torch.no_grad():
     got = packed(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
   np.testing.assert_allclose(got.numpy(), want, atol=1e-4)
+  # `python -m convert export WORKDIR` reads the same result from the workdir.
+  _, from_run, _ = jax_side.load_source(workdir)
+  np.testing.assert_array_equal(
+      np.asarray(jax_side.logits(model, from_run, images)), want)
 
 
 def test_prune_finetune_alone_from_group_stage(full_run, tmp_path):
