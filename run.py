@@ -17,12 +17,14 @@ resumes from the last checkpoint in the workdir.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from training import config as config_lib
+from training import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run configuration file (get_config() -> ConfigDict).",
@@ -61,15 +63,41 @@ def main(argv):
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     raise SystemExit(f"error: {e}") from None
-  from training import checkpoint, loop  # After validation: imports JAX.
-  try:
-    dispatch(config, _WORKDIR.value or config.workdir)
-  except (loop.TrainingDiverged, checkpoint.CheckpointError) as e:
-    raise SystemExit(f"error: {e}") from None
+  workdir = _WORKDIR.value or config.workdir
+  with errors.reported([workdir]):
+    from training import checkpoint, loop  # After validation: imports JAX.
+    with errors.reported([workdir], extra=(loop.TrainingDiverged,
+                                           checkpoint.CheckpointError)):
+      dispatch(config, workdir)
+
+
+def check_config_file(argv: list[str]) -> None:
+  """Rejects a ``--config`` file that does not exist, before the flag parser
+  (whose error is a chained traceback).
+
+  Args:
+    argv: command-line arguments.
+
+  Raises:
+    ConfigError: the file named by ``--config`` is missing.
+  """
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith("--config="):
+      value = arg[len("--config="):]
+    else:
+      continue
+    path = value.split(":", 1)[0]
+    if not os.path.isfile(path):
+      raise config_lib.ConfigError(
+          f"--config: no such file {path!r}; give a Python file with "
+          "get_config(), e.g. --config configs/quickstart.py")
 
 
 if __name__ == "__main__":
   try:
+    check_config_file(sys.argv[1:])
     config_lib.check_override_paths(sys.argv[1:])
   except config_lib.ConfigError as e:
     sys.exit(f"error: {e}")

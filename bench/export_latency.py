@@ -1,31 +1,33 @@
-"""CPU inference latency of dense vs DSP-packed ResNet-56, in JAX and TorchScript.
+"""Latency of pruned exports vs the best dense build, beside MACs ratios.
 
-Run from the repository root (one thread each for XLA and PyTorch)::
+Run from the repository root, once with one thread (XLA's pool is sized when
+JAX starts, so its flags come from the environment) and once with all::
 
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-    python bench/export_latency.py --threads 1 --warmup 5 --repeats 10
+    python bench/export_latency.py --threads 1
+  python bench/export_latency.py --threads 0
 
-Three comparisons, each at batch 1 and 128 (``--batches``), the median of
-``--repeats`` timed calls after ``--warmup`` untimed ones (the TorchScript
-profiling executor optimises a graph during its first calls, which take up
-to a second):
+Models (random weights; the pruning is what each method leaves):
 
-* JAX: the jitted eval-mode apply of ResNet-56 with random weights (dense)
-  vs the same model under the masks of a DSP prune (g=4, random group logits,
-  the rate search aimed at ``--rate`` P.FLOPS): dense-shaped, so the masks
-  only multiply the kernels and save no time;
-* TorchScript: the dense ResNet-56 (``convert.dsp_torch.dense_forward``
-  traced) vs our packed export of the pruned model (``convert.dsp``);
-* the released ``resnet56_g3.pt`` (``--released``) vs our export of the same
-  structure (imported with ``convert.dsp.import_packed``, exported again).
+* ``resnet56_g3``: the authors' released file's structure, imported
+  (``--released``); its original-format file is the released one;
+* ``dsp_r20_g4``: a DSP quickstart-like model: ResNet-20, G = 4, pruned by
+  ``dsp_jax.prune`` on random group logits to ``--rate`` P.FLOPS; original
+  format: our ``packed.pt``;
+* ``ddrop_r18``, ``ddrop_r50``, ``ddrop_vgg16``: CIFAR ResNet-18/50 and
+  VGG-16-bn pruned by DDROP at ``--amount``; original format: ``slim.pt``.
 
-Threads: ``--threads`` calls ``torch.set_num_threads`` (default 1). On a
-machine whose cores other processes share, more PyTorch threads than free
-cores make latencies erratic (seconds instead of milliseconds: the pool's
-threads wait on each other), so one thread gives comparable rows. XLA sizes
-its CPU pool when JAX starts, from ``XLA_FLAGS`` (as in the command above) or
-else from the core count; the script cannot change it later. Timings on a
-shared, loaded machine vary from run to run: compare rows of one run.
+Rows per model, each at batch 1 and 128 (``--batches``): the dense network
+BN-folded in NCHW and in channels_last ("best dense" = the faster), the
+original-format file, ``fast.pt`` (``convert.fast``, cost model, or timed
+with ``--tune``), and in JAX the dense jitted apply and the compact function
+(``convert.fast_jax``). Each cell is the median of ``--repeats`` runs
+interleaved across a model's rows (round-robin, so load changes hit all rows
+alike) after ``--warmup`` calls. The summary gives each pruned row's ratio to
+the best dense (JAX compact: to dense JAX) beside the model's MACs ratio, the
+physical limit. ``--threads`` sets ``torch.set_num_threads`` (0 = all
+cores). Timings on a shared, loaded machine vary from run to run: compare
+rows of one run.
 """
 
 from __future__ import annotations
@@ -46,38 +48,25 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import ddrop_jax  # noqa: E402
 import dsp_jax  # noqa: E402
 import models  # noqa: E402
-from convert import dsp, dsp_torch, jax_side  # noqa: E402
-from models import flops  # noqa: E402
+from convert import dsp, dsp_torch, fast, fast_jax, fast_specs  # noqa: E402
+from convert import jax_side, slim  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 RELEASED = SHARED / "reference" / "dsp_checkpoints" / "resnet56_g3.pt"
-MODEL = "cifar_resnet56"
 
 
-def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-  """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup``."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def pruned_resnet56(groups: int, rate: float, seed: int = 0
-                    ) -> tuple[Any, dict[str, Any], dict[str, Any], float]:
-  """ResNet-56 with random weights, and its DSP prune on random group logits.
+def dsp_quickstart_like(groups: int, rate: float, seed: int = 0
+                        ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """ResNet-20 with random weights, and its DSP prune on random group logits.
 
   Returns:
-    ``(model, dense_variables, masked_variables, p_flops)``: the model built
-    without gates, its random variables, the pruned ones (``masks`` from
-    ``dsp_jax.prune``) and their P.FLOPS in percent.
+    ``(model, dense_variables, masked_variables)``: the model without gates,
+    its random variables and the pruned ones (``masks`` of ``dsp_jax.prune``).
   """
-  grouped = models.create_model(MODEL, 10, groups=groups)
+  grouped = models.create_model("cifar_resnet20", 10, groups=groups)
   v = jax_side.random_variables(grouped, seed)
   info = dsp_jax.analyze(grouped, (32, 32, 3))
   with warnings.catch_warnings():
@@ -88,7 +77,7 @@ def pruned_resnet56(groups: int, rate: float, seed: int = 0
   masked = jax_side.to_numpy_tree({"params": res.params,
                                    "batch_stats": v["batch_stats"],
                                    "masks": res.masks})
-  return models.create_model(MODEL, 10), dense, masked, res.p_flops
+  return models.create_model("cifar_resnet20", 10), dense, masked
 
 
 def jax_forward(model: Any, variables: dict[str, Any]
@@ -115,87 +104,169 @@ def torch_forward(module: Any) -> Callable[[np.ndarray], Callable[[], Any]]:
   return bind
 
 
-def dense_torchscript(variables: dict[str, Any]) -> torch.jit.ScriptModule:
-  """The dense CifarResNet as TorchScript (``dense_forward`` traced)."""
-  sd = dsp.dense_state_dict(variables)
+def dense_builds(spec: fast.NetSpec) -> dict[str, Any]:
+  """The dense network BN-folded, traced and frozen, in both memory formats."""
+  return {f"dense {fmt}": fast.script(spec, fast.make_plan(
+      spec, memory_format=fmt)) for fmt in fast.MEMORY_FORMATS}
 
-  class Dense(torch.nn.Module):
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-      return dsp_torch.dense_forward(sd, x)
+def released_case(path: pathlib.Path, out: pathlib.Path, tune: bool
+                  ) -> tuple[dict[str, Callable], dict[str, Callable], float]:
+  """Torch and JAX rows of a released packed file's structure, MACs ratio."""
+  plan = dsp_torch.read_packed(dsp.load_torchscript(path))
+  name, overrides, masked = jax_side.variables_from_plan(plan)
+  model = models.create_model(name, plan.num_classes, **overrides)
+  spec = fast_specs.from_packed(plan, name)
+  dense_v = {k: masked[k] for k in ("params", "batch_stats")}
+  dense = fast_specs.from_packed(jax_side.plan_from_variables(dense_v), name)
+  x = dsp.random_images(4)
+  r = fast.export_fast(spec, out, x, jax_side.logits(model, masked, x),
+                       tune=tune, program=False)
+  print(f"{path.stem}: {r.notes[-1]}; max |logits diff| "
+        f"{max(r.max_abs_diff.values()):.2g}")
+  torch_rows = {**dense_builds(dense),
+                "original format": dsp.load_torchscript(path),
+                "fast.pt": torch.jit.load(str(r.files[fast.FAST]))}
+  return (torch_rows, jax_rows(model, dense_v, spec),
+          fast.spec_macs(spec) / fast.spec_macs(dense))
 
-  # The state dict's tensors become constants of the trace, as wanted.
-  with torch.no_grad(), warnings.catch_warnings():
-    warnings.simplefilter("ignore", torch.jit.TracerWarning)
-    return torch.jit.trace(Dense().eval(), torch.zeros(1, 3, 32, 32),
-                           check_trace=False)
+
+def jax_rows(model: Any, dense_v: dict[str, Any], spec: fast.NetSpec
+             ) -> dict[str, Callable]:
+  params, apply = fast_jax.compact(spec)
+  return {"JAX dense jit": jax_forward(model, dense_v),
+          "JAX compact jit": jax_apply(jax.jit(apply), params)}
+
+
+def jax_apply(fn: Callable, params: Any) -> Callable:
+  """``x -> (() -> logits)`` of a jitted ``fn(params, x)``."""
+  def bind(x_nhwc: np.ndarray) -> Callable[[], Any]:
+    x = jnp.asarray(x_nhwc)
+    return lambda: fn(params, x).block_until_ready()
+  return bind
+
+
+def dsp_case(groups: int, rate: float, out: pathlib.Path, tune: bool
+             ) -> tuple[dict[str, Any], dict[str, Callable], float]:
+  model, dense_v, masked = dsp_quickstart_like(groups, rate)
+  r = dsp.export_packed(model, masked, out, program=False,
+                        fast_options=fast.Options(tune))
+  print(f"dsp_r20_g{groups}: {r.notes[-1]}")
+  spec = fast_specs.from_packed(jax_side.plan_from_variables(masked), "r20")
+  dense = fast_specs.from_packed(jax_side.plan_from_variables(dense_v), "r20")
+  torch_rows = {**dense_builds(dense),
+                "original format": torch.jit.load(str(r.files[dsp.PACKED])),
+                "fast.pt": torch.jit.load(str(r.files[fast.FAST]))}
+  return (torch_rows, jax_rows(model, dense_v, spec),
+          fast.spec_macs(spec) / fast.spec_macs(dense))
+
+
+def ddrop_case(name: str, amount: float, out: pathlib.Path, tune: bool
+               ) -> tuple[dict[str, Any], dict[str, Callable], float]:
+  model = models.create_model(name, 10)
+  dense_v = jax_side.random_variables(model, 0)
+  masked = jax_side.to_numpy_tree(ddrop_jax.prune(
+      dense_v, ddrop_jax.ddrop_layers(model),
+      ddrop_jax.DdropConfig(amount=amount)))
+  r = slim.export_ddrop(model, masked, out, program=False,
+                        fast_options=fast.Options(tune))
+  print(f"{name} amount {amount}: {r.notes[-1]}")
+  module, _ = slim.slim(model, masked)
+  spec = fast_specs.from_slim(module, name, 32)
+  dense_module, _ = slim.slim(model, dense_v)
+  dense = fast_specs.from_slim(dense_module, name, 32, pruned=False)
+  torch_rows = {**dense_builds(dense),
+                "original format": torch.jit.load(str(r.files[
+                    slim.TORCHSCRIPT])),
+                "fast.pt": torch.jit.load(str(r.files[fast.FAST]))}
+  return (torch_rows, jax_rows(model, dense_v, spec),
+          fast.spec_macs(spec) / fast.spec_macs(dense))
+
+
+def interleaved(binds: dict[str, Callable], x: np.ndarray, warmup: int,
+                repeats: int) -> dict[str, float]:
+  """Median seconds per row, the rows' runs interleaved round-robin."""
+  calls = {k: b(x) for k, b in binds.items()}
+  for call in calls.values():
+    for _ in range(warmup):
+      call()
+  times: dict[str, list[float]] = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, call in calls.items():
+      t0 = time.perf_counter()
+      call()
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(t) for k, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--models", nargs="+", default=list(CASES),
+                  choices=list(CASES))
   ap.add_argument("--groups", type=int, default=4)
-  ap.add_argument("--rate", type=float, default=0.6,
-                  help="target P.FLOPS of the prune (fraction)")
+  ap.add_argument("--rate", type=float, default=0.55,
+                  help="target P.FLOPS of the DSP prune (fraction)")
+  ap.add_argument("--amount", type=float, default=0.5,
+                  help="DDROP pruning amount")
   ap.add_argument("--batches", type=int, nargs="+", default=[1, 128])
-  ap.add_argument("--warmup", type=int, default=5)
-  ap.add_argument("--repeats", type=int, default=10)
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--threads", type=int, default=1,
-                  help="torch.set_num_threads")
+                  help="torch.set_num_threads (0: all cores)")
+  ap.add_argument("--tune", action="store_true",
+                  help="fast.pt from timed plans instead of the cost model")
   ap.add_argument("--released", type=pathlib.Path, default=RELEASED)
   args = ap.parse_args(argv)
-  torch.set_num_threads(args.threads)
-  print(f"torch threads {torch.get_num_threads()}, JAX {jax.devices()[0]}, "
-        f"warm-up {args.warmup}, median of {args.repeats}")
-
-  model, dense_v, masked_v, p_flops = pruned_resnet56(args.groups, args.rate)
-  report = flops.report(model, masked_v)
-  print(f"ResNet-56 g={args.groups}: P.FLOPS {p_flops:.1f}% (DSP's measure); "
-        f"whole model {report.macs / 1e6:.1f} of {report.macs_dense / 1e6:.1f}"
-        f" MMACs ({report.pflops_whole_model:.1f}% removed)")
-  rows: list[tuple[str, str, dict[int, float]]] = []
-  pairs: list[tuple[str, list[tuple[str, Callable]]]] = []
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; JAX "
+        f"{jax.devices()[0]}; warm-up {args.warmup}, median of "
+        f"{args.repeats} interleaved runs")
+  table, summary = [], []
   with tempfile.TemporaryDirectory() as tmp:
-    tmp = pathlib.Path(tmp)
-    r = dsp.export_packed(model, masked_v, tmp / "ours56", program=False)
-    most = max(max(a, b) for a, b in r.branches.values())
-    print(f"packed export: max |logits diff| {max(r.max_abs_diff.values()):.2g}"
-          f", up to {most} branches per layer")
-    pairs.append(("JAX jit", [
-        ("ResNet-56 dense", jax_forward(model, dense_v)),
-        (f"ResNet-56 g={args.groups} masked (dense-shaped)",
-         jax_forward(model, masked_v))]))
-    pairs.append(("TorchScript", [
-        ("ResNet-56 dense", torch_forward(dense_torchscript(dense_v))),
-        (f"ResNet-56 g={args.groups} packed (ours)",
-         torch_forward(torch.jit.load(str(r.files[dsp.PACKED]))))]))
-    if args.released.is_file():
-      imp = dsp.import_packed(args.released)
-      ours = dsp.export_packed(imp.model(), imp.variables, tmp / "g3",
-                               num_batches_tracked=imp.num_batches_tracked,
-                               program=False)
-      print(f"{args.released.name}: imported (max |logits diff| "
-            f"{imp.max_abs_diff:.2g}), re-exported (max |logits diff| "
-            f"{max(ours.max_abs_diff.values()):.2g})")
-      pairs.append(("TorchScript", [
-          (f"{args.released.stem} released",
-           torch_forward(dsp.load_torchscript(args.released))),
-          (f"{args.released.stem} our export",
-           torch_forward(torch.jit.load(str(ours.files[dsp.PACKED]))))]))
-    else:
-      print(f"no released file at {args.released}: its rows are left out")
-    for runtime, entries in pairs:
-      for name, bind in entries:
-        times = {}
-        for b in args.batches:
-          x = dsp.random_images(b, 32, seed=b)
-          times[b] = median_seconds(bind(x), args.warmup, args.repeats)
-        rows.append((runtime, name, times))
+    for case in args.models:
+      out = pathlib.Path(tmp) / case
+      if case == "resnet56_g3":
+        if not args.released.is_file():
+          print(f"no released file at {args.released}: {case} left out")
+          continue
+        rows, jrows, macs = released_case(args.released, out, args.tune)
+      elif case == "dsp_r20_g4":
+        rows, jrows, macs = dsp_case(args.groups, args.rate, out, args.tune)
+      else:
+        rows, jrows, macs = ddrop_case(CASES[case], args.amount, out,
+                                       args.tune)
+      binds = {k: torch_forward(m) for k, m in rows.items()} | jrows
+      times = {b: interleaved(binds, dsp.random_images(b, 32, seed=b),
+                              args.warmup, args.repeats)
+               for b in args.batches}
+      for k in binds:
+        table.append((case, k, {b: times[b][k] for b in args.batches}))
+        print(f"{case} | {k} | " + " | ".join(
+            f"{times[b][k] * 1e3:.1f}" for b in args.batches), flush=True)
+      for b in args.batches:
+        t = times[b]
+        best = min(t["dense nchw"], t["dense channels_last"])
+        summary.append((case, b, macs, t["original format"] / best,
+                        t["fast.pt"] / best,
+                        t["JAX compact jit"] / t["JAX dense jit"]))
   head = " | ".join(f"batch {b} ms" for b in args.batches)
-  print(f"\n| runtime | model | {head} |")
+  print(f"\n| model | build | {head} |")
   print("|" + "---|" * (2 + len(args.batches)))
-  for runtime, name, times in rows:
-    cells = " | ".join(f"{times[b] * 1e3:.1f}" for b in args.batches)
-    print(f"| {runtime} | {name} | {cells} |")
+  for case, k, t in table:
+    cells = " | ".join(f"{t[b] * 1e3:.1f}" for b in args.batches)
+    print(f"| {case} | {k} | {cells} |")
+  print("\n| model | batch | MACs ratio | original / best dense | fast.pt / "
+        "best dense | JAX compact / dense JAX |")
+  print("|---|---|---|---|---|---|")
+  for case, b, macs, orig, fst, jx in summary:
+    print(f"| {case} | {b} | {macs:.2f} | {orig:.2f} | {fst:.2f} | "
+          f"{jx:.2f} |")
+
+
+CASES = {"resnet56_g3": None, "dsp_r20_g4": None,
+         "ddrop_r18": "cifar_resnet18", "ddrop_r50": "cifar_resnet50",
+         "ddrop_vgg16": "cifar_vgg16_bn"}
 
 
 if __name__ == "__main__":

@@ -35,5 +35,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 200
   config.log_every_steps = 19
   config.eval_every_epochs = 2
-  config.progress_bar = False
   return config

@@ -7,6 +7,10 @@
 * ``convert.dsp``       ``export_packed`` / ``import_packed``;
 * ``convert.slim``      DDROP export: pruned ResNets/VGG-bns slimmed to
   ``convert.torch_zoo`` modules;
+* ``convert.fast``      fast inference exports (``fast.pt``): a formulation
+  chosen per layer, BN folded, memory format chosen; ``convert.fast_specs``
+  describes packed and slimmed models for it, ``convert.fast_jax`` runs the
+  same lowering in JAX;
 * ``convert.jax_side``  Flax models/variables, the variables directory,
   random variables for checks and benchmarks;
 * ``python -m convert`` ``import`` / ``export`` (packed for the DSP

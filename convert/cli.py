@@ -17,7 +17,10 @@
     files of ``convert.slim.export_ddrop`` (``slim.pt``, ``slim.pt2``,
     ``slim_state_dict.pt``, ``reference_io.npz``).
 
-  Every written file's logits are checked against the Flax model's.
+  Both also write ``fast.pt`` / ``fast.pt2`` / ``fast_plan.json``
+  (``convert.fast``; ``--tune`` times the formulations, ``--plan`` reuses a
+  plan, ``--no-fast`` skips them). Every written file's logits are checked
+  against the Flax model's.
 * ``inspect SRC``: module tree, branches per block, FLOPs and parameters by
   DSP's measure and over the whole model.
 """
@@ -25,16 +28,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import pathlib
 import re
-import sys
 import zipfile
 from typing import Any, Sequence
 
 import numpy as np
 
 import models
-from convert import dsp, jax_side, reference, slim, tables
+from convert import dsp, fast, jax_side, preprocess, reference, slim, tables
+from convert import transformers
+from training import errors
 
 # Export format -> the model families it supports.
 FORMATS = {"packed": (jax_side.FAMILY,), "slim": slim.FAMILIES}
@@ -88,7 +94,13 @@ def _from_state_dict(sd: dict[str, Any], model_name: str | None
   model_name, overrides, classes = _state_dict_model(sd, model_name)
   model = models.create_model(model_name, classes, **overrides)
   family = models.model_spec(model_name).family
-  variables = reference.from_reference(sd, jax_side.template(model), family)
+  if family in transformers.FAMILIES:
+    # torchvision or timm ViT / Swin names (convert.transformers tables).
+    variables = transformers.from_torch(
+        sd, jax_side.template(model, model.image_size or 224), model,
+        model_name)
+  else:
+    variables = reference.from_reference(sd, jax_side.template(model), family)
   return model, variables, model_name, overrides
 
 
@@ -106,7 +118,11 @@ def import_file(src: str | pathlib.Path, out: str | pathlib.Path,
     jax_side.save_variables(out, r.model_name, r.num_classes, r.overrides,
                             r.variables, meta)
     return {"model": r.model_name, "meta": meta}
-  sd, acc = reference.read_state_dict(src)
+  try:
+    sd, acc = reference.read_state_dict(src)
+  except ValueError as e:
+    raise ValueError(f"{e}; a packed DSP TorchScript file (torch.jit.save, "
+                     "e.g. a released resnet20_g4.pt) is accepted too") from e
   model, variables, model_name, overrides = _from_state_dict(sd, model_name)
   meta = {"source": str(src), "format": "state dict",
           "stage": reference.reference_stage(sd), "accuracy": acc,
@@ -141,7 +157,8 @@ def export_format(model_name: str) -> str:
 def export_dir(source: str | pathlib.Path, out: str | pathlib.Path,
                stage: str | None = None, accuracy: float = 0.0,
                program: bool = True, which: str = "best",
-               export: str | None = None, image_size: int | None = None
+               export: str | None = None, image_size: int | None = None,
+               fast_options: fast.Options | None = fast.Options()
                ) -> dsp.ExportResult | slim.SlimExport:
   """Exports a variables directory or a training stage directory.
 
@@ -158,10 +175,12 @@ def export_dir(source: str | pathlib.Path, out: str | pathlib.Path,
       (``convert.slim.export_ddrop``); None picks by the model's family
       (``export_format``).
     image_size: input height/width (default: the model's, or 32).
+    fast_options: how to write ``fast.pt`` / ``fast.pt2`` /
+      ``fast_plan.json`` (``convert.fast``); None skips them.
 
   Returns:
-    ``dsp.ExportResult`` or ``slim.SlimExport`` (both have ``files`` and
-    ``max_abs_diff``).
+    ``dsp.ExportResult`` or ``slim.SlimExport`` (both have ``files``,
+    ``max_abs_diff`` and ``notes``).
 
   Raises:
     ValueError: an unknown format, a format the model's family does not
@@ -169,12 +188,13 @@ def export_dir(source: str | pathlib.Path, out: str | pathlib.Path,
   """
   model, variables, info = jax_side.load_source(source, which)
   return _export(model, variables, info, out, stage, accuracy, program, export,
-                 image_size)
+                 image_size, fast_options)
 
 
 def _export(model: Any, variables: dict[str, Any], info: dict[str, Any],
             out: str | pathlib.Path, stage: str | None, accuracy: float,
-            program: bool, export: str | None, image_size: int | None
+            program: bool, export: str | None, image_size: int | None,
+            fast_options: fast.Options | None = fast.Options()
             ) -> dsp.ExportResult | slim.SlimExport:
   fmt = export_format(info["model"]) if export is None else export
   if fmt not in FORMATS:
@@ -189,10 +209,11 @@ def _export(model: Any, variables: dict[str, Any], info: dict[str, Any],
       raise ValueError("--stage (the reference-format state dict) belongs to "
                        "the packed DSP export; the slim export has none")
     return slim.export_ddrop(model, variables, out, image_size,
-                             program=program)
+                             program=program, fast_options=fast_options)
   nbt = info.get("meta", {}).get("num_batches_tracked")
   result = dsp.export_packed(model, variables, out, num_batches_tracked=nbt,
-                             program=program, image_size=image_size or 32)
+                             program=program, image_size=image_size or 32,
+                             fast_options=fast_options)
   if stage is not None:
     sd = reference.to_reference(variables, stage, family, nbt)
     result.files["reference"] = reference.save(
@@ -257,17 +278,82 @@ def _add_export_arguments(p: argparse.ArgumentParser) -> None:
                  help="input size (default: the model's, or 32)")
   p.add_argument("--no-program", action="store_true",
                  help="skip the torch.export (.pt2) program")
+  p.add_argument("--dataset",
+                 help="dataset the model was trained on, for preprocess.json "
+                 "(default: the run's, read from its report.json)")
+  p.add_argument("--with-preprocess", action="store_true",
+                 help="embed the input normalisation into the TorchScript "
+                 "files other than packed.pt (they then take 0..255 pixels)")
+  p.add_argument("--tune", action="store_true",
+                 help="choose fast.pt's per-layer formulations and memory "
+                 "format by timing them on this machine (cached in "
+                 "OUT/fast_plan.json) instead of the cost model")
+  p.add_argument("--plan", help="a fast_plan.json to reuse (ignored with a "
+                 "warning when made for another model or torch version)")
+  p.add_argument("--no-fast", action="store_true",
+                 help="skip fast.pt / fast.pt2 / fast_plan.json")
+
+
+def dataset_of(source: str | pathlib.Path) -> str | None:
+  """The training dataset of a run's directory (from its ``report.json``).
+
+  Args:
+    source: a run's workdir, one of its stage directories or a stage's
+      ``output/``.
+
+  Returns:
+    The dataset name, or None when no report names it.
+  """
+  source = pathlib.Path(source).resolve()
+  for d in (source, *list(source.parents)[:3]):
+    try:
+      return json.loads((d / "report.json").read_text())["dataset"]
+    except (OSError, ValueError, KeyError):
+      continue
+  return None
+
+
+def _write_preprocess(args: argparse.Namespace, files: dict[str, Any]
+                      ) -> dict[str, Any] | None:
+  """``preprocess.json`` of an export (None: dataset unknown)."""
+  name = args.dataset or dataset_of(args.variables)
+  if name is None:
+    if args.with_preprocess:
+      raise ValueError("--with-preprocess needs the training dataset: pass "
+                       "--dataset NAME")
+    return None
+  from training import data  # pylint: disable=g-import-not-at-top
+  info = data.get_info(name)
+  if args.image_size:
+    info = dataclasses.replace(info, image_size=args.image_size)
+  return preprocess.finish(args.out, info, files, args.with_preprocess)
 
 
 def _run_export(args: argparse.Namespace) -> None:
   """Exports for parsed ``export`` arguments; prints files and differences."""
+  if not pathlib.Path(args.variables).is_dir():
+    raise FileNotFoundError(
+        f"no such directory: {args.variables} (not a converted-variables "
+        "directory; expected a run's workdir, one of its stage directories, "
+        "or a `convert import` directory)")
   model, variables, info = jax_side.load_source(args.variables, args.which)
   r = _export(model, variables, info, args.out, args.stage, args.accuracy,
-              not args.no_program, args.export_format, args.image_size)
+              not args.no_program, args.export_format, args.image_size,
+              None if args.no_fast else fast.Options(args.tune, args.plan))
+  pre = _write_preprocess(args, r.files)
+  if pre is not None:
+    r.files[preprocess.FILE] = pre["file"]
   for path in r.files.values():
     print(f"wrote {path}")
+  if pre is not None:
+    print(f"input: {pre['summary']}")
+  else:
+    print("no preprocess.json: the training dataset is unknown; pass "
+          "--dataset NAME")
   for k, d in r.max_abs_diff.items():
     print(f"max |logits diff| {k}: {d:.3g}")
+  for note in r.notes:
+    print(note)
   if isinstance(r, slim.SlimExport):
     s = r.summary
     print(f"{info['model']}: parameters {s.params_before} -> {s.params_after} "
@@ -291,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("src")
   p.add_argument("--model")
   args = parser.parse_args(argv)
-  try:
+
+  def work():
     if args.command == "import":
       info = import_file(args.src, args.out, args.model)
       print(f"imported {args.src} as {info['model']} -> {args.out}")
@@ -302,7 +389,5 @@ def main(argv: Sequence[str] | None = None) -> int:
       _run_export(args)
     else:
       print(inspect(args.src, args.model))
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+
+  return errors.call(work, outputs=[getattr(args, "out", None)], status=2)

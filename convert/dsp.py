@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import models
-from convert import dsp_torch, jax_side, packing, tables
+from convert import dsp_torch, fast, fast_specs, jax_side, packing, tables
 
 PACKED, PROGRAM, STATE_DICT, REFERENCE_IO = (
     "packed.pt", "packed.pt2", "dense_state_dict.pt", "reference_io.npz")
@@ -105,6 +105,7 @@ class ExportResult:
   files: dict[str, pathlib.Path]
   max_abs_diff: dict[str, float]
   branches: dict[str, tuple[int, int]]
+  notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def export_packed(model: Any, variables: Mapping[str, Any],
@@ -112,7 +113,9 @@ def export_packed(model: Any, variables: Mapping[str, Any],
                   num_batches_tracked: Mapping[str, int] | None = None,
                   images: np.ndarray | None = None, num_images: int = 4,
                   image_size: int = 32, seed: int = 0, atol: float = 1e-4,
-                  program: bool = True) -> ExportResult:
+                  program: bool = True,
+                  fast_options: fast.Options | None = fast.Options()
+                  ) -> ExportResult:
   """Packs a masked Flax CifarResNet and writes the export files.
 
   Args:
@@ -126,6 +129,9 @@ def export_packed(model: Any, variables: Mapping[str, Any],
     seed: seed of the random images.
     atol: largest accepted |logit| difference.
     program: also write the ``torch.export`` program.
+    fast_options: also write ``fast.pt``/``fast.pt2``/``fast_plan.json``
+      (``convert.fast``: formulations chosen per layer, BN folded); None
+      skips them.
 
   Returns:
     The written paths, the measured differences and the branch counts per
@@ -171,7 +177,12 @@ def export_packed(model: Any, variables: Mapping[str, Any],
       STATE_DICT,
       torch_logits(lambda x: dsp_torch.dense_forward(loaded_sd, x), images),
       want, atol)
-  return ExportResult(files, diffs, branch_counts(plan))
+  result = ExportResult(files, diffs, branch_counts(plan))
+  if fast_options is not None:
+    fast.attach(result, fast_specs.from_packed(
+        plan, type(model).__name__ + str(getattr(model, "depth", "")),
+        image_size), out_dir, fast_options, program=program, atol=atol)
+  return result
 
 
 def branch_counts(plan: packing.PackedResNet) -> dict[str, tuple[int, int]]:

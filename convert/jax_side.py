@@ -335,4 +335,6 @@ def load_stage_checkpoint(stage_dir: str | os.PathLike, which: str = "best"
   if tables.GATES in variables:
     overrides["groups"] = int(next(iter(flatten(
         variables[tables.GATES]).values())).shape[0])
+  if any("/dummy_norm/" in k for k in flatten(variables[tables.PARAMS])):
+    overrides["mlp_scale"] = True  # a ViT / Swin trained with DDROP
   return meta["model"], num_classes, overrides, variables

@@ -55,7 +55,8 @@ def apply_masks(variables: Mapping[str, Any]) -> dict[str, Any]:
         p["bias"] = np.asarray(p["bias"]) * np.max(mask, axis=0)
     elif leaf == "scale":
       p["scale"] = np.asarray(p["scale"]) * mask
-      p["bias"] = np.asarray(p["bias"]) * mask
+      if "bias" in p:  # a scale-only norm (DDROP's DummyNorm) has none
+        p["bias"] = np.asarray(p["bias"]) * mask
   out[tables.PARAMS] = params
   return out
 

@@ -47,13 +47,13 @@ import torch
 from torch import nn
 
 import models
-from convert import dsp, dsp_torch, jax_side, packing, tables
+from convert import dsp, dsp_torch, fast, fast_specs, jax_side, packing, tables
 from convert.dsp_torch import to_tensor
 from convert.torch_zoo import SlimBlock, SlimLayerNorm, SlimResNet, SlimVGG
-from models import cifar_resnet, resnet, vgg
+from models import cifar_resnet, resnet, swin, vgg, vit
 from models.structure import LayerInfo, ModelStructure, Path
 
-FAMILIES = ("resnet", "vgg")
+FAMILIES = ("resnet", "vgg", "vit", "swin")
 TORCHSCRIPT, PROGRAM, STATE_DICT, REFERENCE_IO = (
     "slim.pt", "slim.pt2", "slim_state_dict.pt", "reference_io.npz")
 LN_EPS = 1e-5
@@ -83,6 +83,7 @@ class SlimExport:
   files: dict[str, pathlib.Path]
   max_abs_diff: dict[str, float]
   summary: SlimSummary
+  notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def family_of(model: Any) -> str:
@@ -341,6 +342,8 @@ def slim(model: Any, variables: Mapping[str, Any],
     ValueError: unsupported model family, or a layer that keeps no unit where
       the slimmed model cannot represent it.
   """
+  if isinstance(model, (vit.VisionTransformer, swin.SwinTransformer)):
+    return _slim_transformer(model, variables, _image_size(model, image_size))
   family = family_of(model)
   image_size = _image_size(model, image_size)
   v = jax_side.to_numpy_tree(dict(variables))
@@ -356,6 +359,18 @@ def slim(model: Any, variables: Mapping[str, Any],
   after = sum(p.numel() for p in module.parameters())
   widths = {l.name: (l.out_features, len(keep[l.path]))
             for l in structure.producers}
+  return module, SlimSummary(family, before, after, widths)
+
+
+def _slim_transformer(model: Any, variables: Mapping[str, Any],
+                      image_size: int) -> tuple[nn.Module, SlimSummary]:
+  """ViT / Swin: MLP hidden units removed (``convert.transformer_torch``)."""
+  from convert import transformer_torch  # pylint: disable=import-outside-toplevel
+  module, widths = transformer_torch.slim(model, variables, image_size)
+  family = "vit" if isinstance(model, vit.VisionTransformer) else "swin"
+  before = sum(int(np.size(x)) for _, x in tables.leaves(
+      jax_side.to_numpy_tree(dict(variables))[tables.PARAMS]))
+  after = sum(p.numel() for p in module.parameters())
   return module, SlimSummary(family, before, after, widths)
 
 
@@ -376,7 +391,9 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
                  out_dir: str | os.PathLike, image_size: int | None = None, *,
                  images: np.ndarray | None = None, num_images: int = 4,
                  seed: int = 0, atol: float = 1e-4,
-                 program: bool = True) -> SlimExport:
+                 program: bool = True,
+                 fast_options: fast.Options | None = fast.Options()
+                 ) -> SlimExport:
   """Slims a DDROP-pruned Flax model and writes the PyTorch files.
 
   Files in ``out_dir``: ``slim.pt`` (TorchScript, ``torch.jit.load``),
@@ -394,6 +411,9 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
     seed: seed of the random images.
     atol: largest accepted |logit| difference.
     program: also write the ``torch.export`` program.
+    fast_options: also write ``fast.pt``/``fast.pt2``/``fast_plan.json``
+      for ResNets and VGGs (``convert.fast``: BN folded, memory format and
+      residual adds chosen); None skips them.
 
   Returns:
     Paths, measured differences and the slimming summary.
@@ -401,14 +421,60 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
   Raises:
     convert.dsp.ConversionMismatch: a file's logits differ by more than atol.
   """
-  out_dir = pathlib.Path(out_dir)
   image_size = _image_size(model, image_size)
   module, summary = slim(model, variables, image_size)
+  files, diffs = write_module(
+      module, model, variables, out_dir, image_size,
+      (TORCHSCRIPT, PROGRAM, STATE_DICT), images=images,
+      num_images=num_images, seed=seed, atol=atol, program=program)
+  result = SlimExport(files, diffs, summary)
+  if fast_options is not None and isinstance(module, (SlimResNet, SlimVGG)):
+    pruned = summary.params_after < summary.params_before
+    fast.attach(result, fast_specs.from_slim(module, type(model).__name__,
+                                             image_size, pruned),
+                out_dir, fast_options, program=program, atol=atol)
+  return result
+
+
+def write_module(module: nn.Module, model: Any, variables: Mapping[str, Any],
+                 out_dir: str | os.PathLike, image_size: int,
+                 names: tuple[str, str, str], *,
+                 images: np.ndarray | None = None, num_images: int = 4,
+                 seed: int = 0, atol: float = 1e-4, program: bool = True
+                 ) -> tuple[dict[str, pathlib.Path], dict[str, float]]:
+  """Writes a torch module equivalent to a Flax model, checking each file.
+
+  Files in ``out_dir``: TorchScript, a ``torch.export`` program and a state
+  dict under ``names`` (in that order), and ``reference_io.npz``; every
+  file's logits are checked against the Flax model's.
+
+  Args:
+    module: the torch module (eval mode, CPU).
+    model: the Flax model it stands for.
+    variables: the Flax variables.
+    out_dir: directory to write into (created).
+    image_size: input height/width.
+    names: file names of the TorchScript, program and state-dict files.
+    images: NHWC check images; ``num_images`` random ones when None.
+    num_images: number of random check images.
+    seed: seed of the random images.
+    atol: largest accepted |logit| difference.
+    program: also write the ``torch.export`` program.
+
+  Returns:
+    ``(files, max_abs_diff)`` keyed by file name (``module`` for the module
+    itself).
+
+  Raises:
+    convert.dsp.ConversionMismatch: a file's logits differ by more than atol.
+  """
+  torchscript, program_name, state_dict = names
+  out_dir = pathlib.Path(out_dir)
   if images is None:
     images = dsp.random_images(num_images, image_size, seed)
   want = jax_side.logits(model, variables, images)
   diffs = {"module": dsp.check_logits(
-      "slimmed module", dsp.torch_logits(module, images), want, atol)}
+      "converted module", dsp.torch_logits(module, images), want, atol)}
   files = {REFERENCE_IO: jax_side.atomic_write(
       out_dir / REFERENCE_IO,
       lambda p: np.savez(open(p, "wb"), images=images,
@@ -417,30 +483,31 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
   with torch.no_grad():
     traced = torch.jit.trace(module, _example(module, 1, image_size),
                              check_trace=False)
-  files[TORCHSCRIPT] = jax_side.atomic_write(
-      out_dir / TORCHSCRIPT, lambda p: torch.jit.save(traced, p))
-  diffs[TORCHSCRIPT] = dsp.check_logits(TORCHSCRIPT, dsp.torch_logits(
-      torch.jit.load(str(files[TORCHSCRIPT])), images), want, atol)
+  files[torchscript] = jax_side.atomic_write(
+      out_dir / torchscript, lambda p: torch.jit.save(traced, p))
+  diffs[torchscript] = dsp.check_logits(torchscript, dsp.torch_logits(
+      torch.jit.load(str(files[torchscript])), images), want, atol)
   if program:
     # Batch 2 in the example: a size-1 dimension would be specialised.
     ep = torch.export.export(
         module, (_example(module, 2, image_size),),
         dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
-    files[PROGRAM] = jax_side.atomic_write(
-        out_dir / PROGRAM, lambda p: _save_program(ep, p))
-    diffs[PROGRAM] = dsp.check_logits(PROGRAM, dsp.torch_logits(
-        torch.export.load(str(files[PROGRAM])).module(), images), want, atol)
+    files[program_name] = jax_side.atomic_write(
+        out_dir / program_name, lambda p: _save_program(ep, p))
+    diffs[program_name] = dsp.check_logits(program_name, dsp.torch_logits(
+        torch.export.load(str(files[program_name])).module(), images), want,
+                                           atol)
   state = {k: t.detach().clone() for k, t in module.state_dict().items()}
-  files[STATE_DICT] = jax_side.atomic_write(
-      out_dir / STATE_DICT, lambda p: torch.save(state, p))
+  files[state_dict] = jax_side.atomic_write(
+      out_dir / state_dict, lambda p: torch.save(state, p))
   fresh = copy.deepcopy(module)
   with torch.no_grad():
     for t in list(fresh.parameters()) + list(fresh.buffers()):
       t.zero_()
-  fresh.load_state_dict(torch.load(files[STATE_DICT], weights_only=True))
-  diffs[STATE_DICT] = dsp.check_logits(
-      STATE_DICT, dsp.torch_logits(fresh, images), want, atol)
-  return SlimExport(files, diffs, summary)
+  fresh.load_state_dict(torch.load(files[state_dict], weights_only=True))
+  diffs[state_dict] = dsp.check_logits(
+      state_dict, dsp.torch_logits(fresh, images), want, atol)
+  return files, diffs
 
 
 def main(argv: Sequence[str] | None = None) -> int:

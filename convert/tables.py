@@ -263,6 +263,18 @@ FAMILIES: dict[str, FamilyTable] = {
     "vgg": FamilyTable("vgg", r"features\.\d+",
                        (r"features", r"classifier", r"(\d+)"),
                        nchw_flatten_dense=r"classifier\.0"),
+    # Vision transformers: the order only (no DSP convs); their PyTorch names
+    # come from convert.transformers.
+    "vit": FamilyTable(
+        "vit", r"(?!)",
+        (r"conv_proj", r"encoder", r"layers", r"encoder_layer_(\d+)", r"ln_1",
+         r"self_attention", r"query", r"key", r"value", r"out_proj", r"ln_2",
+         r"mlp", r"fc1", r"dummy_norm", r"fc2", r"ln", r"heads", r"head")),
+    "swin": FamilyTable(
+        "swin", r"(?!)",
+        (r"features", r"(\d+)", r"norm1", r"attn", r"norm2", r"mlp", r"query",
+         r"key", r"value", r"proj", r"fc1", r"dummy_norm", r"fc2", r"norm",
+         r"reduction", r"head")),
 }
 
 

@@ -48,11 +48,20 @@ class SlimLayerNorm(nn.Module):
                        f"{removed.shape[0]} removed units != width {width}")
     self.weight = nn.Parameter(weight)
     self.bias = nn.Parameter(bias)
-    self.register_buffer("removed", removed)
+    # No buffer when nothing was removed: torch.export.save cannot package
+    # two empty tensors (they share a null storage).
+    self.any_removed = bool(removed.shape[0])
+    if self.any_removed:
+      self.register_buffer("removed", removed)
     self.width = int(width)
     self.eps = float(eps)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
+    if not self.any_removed:
+      mean = x.sum(-1, keepdim=True) / self.width
+      sq = (x - mean).square().sum(-1, keepdim=True)
+      return (x - mean) * torch.rsqrt(sq / self.width + self.eps) * (
+          self.weight) + self.bias
     mean = (x.sum(-1, keepdim=True) + self.removed.sum()) / self.width
     sq = (x - mean).square().sum(-1, keepdim=True) + (
         self.removed - mean).square().sum(-1, keepdim=True)

@@ -32,9 +32,14 @@ from typing import Any, Sequence
 import ml_collections
 
 from configs import base
+from configs import imagenet
 from training import config as config_lib
 
 CIFAR_DATASETS = ("cifar10", "cifar100")
+# ``--dataset imagenet``: tfds's imagenet2012 when prepared under --data-dir,
+# else the image-folder tree at --data-dir; the ImageNet data recipe of
+# configs/imagenet.py either way.
+IMAGENET = "imagenet"
 # Flag -> config field (flags not listed here set the field of the same name).
 FLAG_FIELDS = {
     "--dataset": "dataset", "--data-dir": "data_dir", "--model": "model",
@@ -60,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
       "-> finetune -> pack). Extra --config.FIELD=VALUE arguments set any "
       "field of training/config.py.")
   p.add_argument("--dataset", required=True,
-                 help="cifar10, cifar100 or imagenet (also: digits)")
-  p.add_argument("--data-dir", required=True, help="dataset root directory")
+                 help=", ".join(config_lib.DATASETS) + ", imagenet "
+                 "(imagenet2012 prepared under --data-dir, else the image-"
+                 "folder tree there), imagefolder:PATH or tfds:NAME")
+  p.add_argument("--data-dir", default="",
+                 help="dataset root directory (default: the data module's; "
+                 "the built-in digits need none)")
   p.add_argument("--model", required=True,
                  help="resnet18, resnet34, resnet50, vgg11_bn, ... (the CIFAR "
                  "variant with a CIFAR dataset)")
@@ -90,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", default=None,
                  help="run directory (default runs/ddrop_MODEL_DATASET)")
   return p
+
+
+def imagenet_dataset(data_dir: str) -> str:
+  """The dataset ``--dataset imagenet`` names for ``data_dir``."""
+  from training import datasets  # tfds, no JAX.
+  try:
+    return datasets.imagenet_dataset(data_dir)
+  except datasets.LayoutError as e:
+    raise UsageError(f"--data-dir: {e}") from None
 
 
 def model_name(model: str, dataset: str) -> str:
@@ -165,6 +183,9 @@ def make_config(args: argparse.Namespace,
   config = base.get_config()
   config.method = "ddrop"
   config.dataset = args.dataset
+  if args.dataset == IMAGENET:
+    config.dataset = imagenet_dataset(args.data_dir)
+    imagenet.recipe(config)
   config.data_dir = args.data_dir
   config.model = model_name(args.model, args.dataset)
   config.seed = args.seed
@@ -224,12 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  # After validation: these import JAX.
-  import run as run_lib
-  from training import checkpoint, loop
-  try:
-    run_lib.dispatch(config, config.workdir)
-  except (loop.TrainingDiverged, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  from training import errors
+  with errors.reported([config.workdir]):
+    # After validation: these import JAX.
+    import run as run_lib
+    from training import checkpoint, loop
+    with errors.reported([config.workdir], extra=(
+        loop.TrainingDiverged, checkpoint.CheckpointError)):
+      run_lib.dispatch(config, config.workdir)
   return 0

@@ -55,7 +55,7 @@ from training import steps
 from training.state import TrainState
 
 # Model families trained with AdamW + warm-up cosine (spec section 1).
-TRANSFORMER_FAMILIES = ("vit", "swin")
+TRANSFORMER_FAMILIES = pipeline.TRANSFORMER_FAMILIES
 EXPORT_DIR = "export"
 PRUNE_FILE = "prune.json"
 # Offsets of each phase's data order and rng stream (phases restart at step 0).
@@ -172,6 +172,7 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
                                 lr=lr)
 
   evaluator = pipeline.make_evaluator(config, env, model)
+  targets = pipeline.step_options(config)  # CutMix/MixUp, smoothing.
   accuracy: dict[str, float | None] = {}
 
   def train_stage(name, state, step_fn, epochs):
@@ -188,13 +189,14 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
   state = state_lib.create_train_state(
       model, tx, jax.random.key(config["seed"]),
       (info.image_size, info.image_size, info.channels))
+  state = pipeline.pretrained_start(config, model, state)
   state = mesh_lib.replicate(state, mesh)
 
   # 1. Plain training.
   if d["before_epochs"] > 0 and "before" in selected:
     state = _phase_state(state, tx, "before", mesh)
     step_fn = steps.make_train_step(model, tx, info, mesh, lr_schedule=lr_fn,
-                                    dtype=env.dtype)
+                                    dtype=env.dtype, **targets)
     state = train_stage("before", state, step_fn, d["before_epochs"])
 
   # 2. DDROP training.
@@ -209,7 +211,8 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
     state = _phase_state(state, tx, "ddrop", mesh,
                          extra=init_extra(layers, cfg))
     step_fn = make_ddrop_train_step(model, tx, info, mesh, layers, cfg,
-                                    lr_schedule=lr_fn, dtype=env.dtype)
+                                    lr_schedule=lr_fn, dtype=env.dtype,
+                                    **targets)
     state = train_stage("ddrop", state, step_fn, d["epochs"])
 
   dense = pipeline.model_figures(model, state.variables(), info.image_size)
@@ -219,6 +222,8 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
   if "prune" in selected:
     stats = (state.extra or {}).get(STATS)
     v = prune(state.variables(), layers, cfg, stats=stats)
+    # Computed on each host from the replicated state: must agree.
+    mesh_lib.check_same_on_processes(v["masks"], "DDROP prune masks")
     state = state.replace(params=v["params"], batch_stats=v["batch_stats"],
                           masks=v["masks"], extra={})
     state = mesh_lib.replicate(state, mesh)
@@ -229,9 +234,10 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
     pruned = pipeline.model_figures(model, state.variables(), info.image_size)
     record = {"amount": cfg.amount, "prune_scope": cfg.prune_scope,
               "evaluation": evals, "pruned_units": counts, "pruned": pruned}
-    env.workdir.mkdir(parents=True, exist_ok=True)
-    (env.workdir / PRUNE_FILE).write_text(json.dumps(record, indent=1,
-                                                     default=float))
+    if mesh_lib.is_primary():
+      env.workdir.mkdir(parents=True, exist_ok=True)
+      (env.workdir / PRUNE_FILE).write_text(json.dumps(record, indent=1,
+                                                       default=float))
     pick = evals.get(config["select_on"])
     env.report.add_stage("prune", {"steps": 0, "seconds": 0.0, "final": pick,
                                    "best": pick, "best_step": 0,
@@ -244,16 +250,71 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
     tx, lr_fn = make_tx(d["ft_epochs"], d["ft_lr"])
     state = _phase_state(state, tx, "finetune", mesh)
     step_fn = steps.make_train_step(model, tx, info, mesh, lr_schedule=lr_fn,
-                                    dtype=env.dtype)
+                                    dtype=env.dtype, **targets)
     state = train_stage("finetune", state, step_fn, d["ft_epochs"])
   env.report.merge({"accuracy": accuracy})
 
-  # 5. Slimmed PyTorch export.
-  if "pack" in selected:
-    env.report.merge({"export": pack(model, state.variables(),
-                                     env.workdir / EXPORT_DIR,
-                                     info.image_size)})
-  return pipeline.finish(env, model, state), state
+  # 5. Slimmed PyTorch export (written by process 0).
+  if "pack" in selected and mesh_lib.is_primary():
+    entry = pipeline.export_stage(
+        config, env, state.variables(),
+        lambda: pack(model, state.variables(), env.workdir / EXPORT_DIR,
+                     info.image_size))
+    env.report.merge({"export": entry, "preprocess": entry["preprocess"],
+                      "exported": exported_entry(env.report.data)})
+  return pipeline.finish(env, model, state, summary, SUMMARY_KEYS), state
+
+
+# Report entries ``summary`` shows (the whole-model figures are the engine's).
+SUMMARY_KEYS = ("accuracy", "pruned_units", "dense", "pruned", "ddrop",
+                "amount")
+
+
+def summary(report: Mapping[str, Any]) -> list[str]:
+  """The DDROP lines of the run summary: accuracy per phase, pruned units.
+
+  Args:
+    report: the report dict.
+
+  Returns:
+    Lines (``training.report.Report.summary`` wraps them).
+  """
+  pct = lambda v: "-" if v is None else f"{100 * v:.2f} %"
+  acc = report.get("accuracy", {})
+  lines = [f"accuracy: before DDROP {pct(acc.get('before'))}, after the DDROP "
+           f"phase {pct(acc.get('ddrop'))}, right after pruning "
+           f"{pct(acc.get('pruned'))}, after fine-tuning "
+           f"{pct(acc.get('finetune'))}"]
+  units = report.get("pruned_units") or {}
+  if units:
+    pruned = sum(p for p, _ in units.values())
+    total = sum(n for _, n in units.values())
+    lines.append(f"pruned units: {pruned} of {total} in {len(units)} layers "
+                 f"(amount {report.get('amount')}); per layer in report.json")
+  return lines
+
+
+def exported_entry(report: Mapping[str, Any]) -> dict[str, str]:
+  """Which state the export holds and why (the report's ``exported``)."""
+  stages = report.get("stages", {})
+  last = next((n for n in ("finetune", "prune", "ddrop", "before")
+               if n in stages), None)
+  if last is None:
+    return {"what": "the initial model", "why": "no stage ran"}
+  st = stages[last]
+  # The prune stage's final/best hold only the selection split's metrics;
+  # its per-split evaluations are under "evaluations".
+  acc = _test_accuracy(st.get("evaluations") or st.get("final"))
+  what = ("the pruned model, not fine-tuned" if last == "prune" else
+          f"{last}'s final state (step {st.get('steps', 0)})")
+  if acc is not None:
+    what += f", test {100 * acc:.2f} %"
+  why = "the pipeline exports the state its last stage ends with"
+  best = _test_accuracy(st.get("best"))
+  if last != "prune" and best is not None and best != acc:
+    why += (f"; the stage's best checkpoint (test {100 * best:.2f} % at step "
+            f"{st.get('best_step')}) stays in {last}/")
+  return {"what": what, "why": why}
 
 
 def pack(model: Any, variables: Mapping[str, Any], out_dir: pathlib.Path,

@@ -4,8 +4,11 @@ Everything here is a pure function of the params (and ``ddrop_stats``) and a
 traced step, so it runs inside the jitted train step; no gradient flows
 through the probabilities.
 
-Ranks are ascending by importance with ties broken by unit index (a stable
-sort: of two equal units the lower index gets the lower rank). The relative
+Ranks are ascending by importance. Equal importances (every γ = 1 at
+initialisation, all activation statistics still zero) are ordered at random
+from the training step's key (``tie_key``), so that dropping does not follow
+the unit index; without a key they are ordered by index (a stable sort: of
+two equal units the lower index gets the lower rank). The relative
 rank is ``a_c = r_c / (C - 1)``; a layer with a single unit has ``a = 0``
 (its unit keeps with ``p'_min``), since it is both the least and the most
 important unit and the least important one decides.
@@ -80,19 +83,43 @@ def _row_sq_norm(kernel: Array) -> Array:
   return jnp.sum(jnp.square(kernel), axis=tuple(range(kernel.ndim - 1)))
 
 
-def ranks(v: Array) -> Array:
-  """Ascending ranks 0..C-1 of ``v``; ties ordered by index (stable sort)."""
-  order = jnp.argsort(v, stable=True)
+# fold_in index of the tie-breaking key within a step's key (the model's
+# named rng streams use 0, 1, 2: ``training.steps.model_rngs``).
+TIE_STREAM = 101
+
+
+def tie_key(rng: Array, step: Array | int) -> Array:
+  """The key that orders equal importances at ``step`` (from the step's)."""
+  return jax.random.fold_in(jax.random.fold_in(rng, step), TIE_STREAM)
+
+
+def ranks(v: Array, key: Array | None = None) -> Array:
+  """Ascending ranks 0..C-1 of ``v``.
+
+  Args:
+    v: importances (C,).
+    key: orders equal importances at random (e.g. every γ = 1 at
+      initialisation); None orders them by index (stable sort).
+
+  Returns:
+    int32 ranks (C,).
+  """
+  c = v.shape[0]
+  if key is None:
+    order = jnp.argsort(v, stable=True)
+  else:
+    perm = jax.random.permutation(key, c)
+    order = perm[jnp.argsort(v[perm], stable=True)]
   return jnp.zeros(v.shape, jnp.int32).at[order].set(
-      jnp.arange(v.shape[0], dtype=jnp.int32))
+      jnp.arange(c, dtype=jnp.int32))
 
 
-def relative_ranks(v: Array) -> Array:
-  """``a_c = r_c / (C - 1)`` in [0, 1]; zeros when C = 1."""
+def relative_ranks(v: Array, key: Array | None = None) -> Array:
+  """``a_c = r_c / (C - 1)`` in [0, 1]; zeros when C = 1 (``key``: ties)."""
   c = v.shape[0]
   if c == 1:
     return jnp.zeros((1,), jnp.float32)
-  return ranks(v).astype(jnp.float32) / (c - 1)
+  return ranks(v, key).astype(jnp.float32) / (c - 1)
 
 
 def schedule_scale(step: Array | int, total_steps: int, schedule: str) -> Array:
@@ -130,16 +157,19 @@ def keep_range(step: Array | int, cfg: DdropConfig) -> tuple[Array, Array]:
           cfg.p_max + (1.0 - cfg.p_max) * scale)
 
 
-def layer_keep(v: Array, step: Array | int, cfg: DdropConfig) -> Array:
-  """Keep probability ``p'_min + a_c (p'_max - p'_min)`` for importances v."""
+def layer_keep(v: Array, step: Array | int, cfg: DdropConfig,
+               key: Array | None = None) -> Array:
+  """Keep probability ``p'_min + a_c (p'_max - p'_min)`` for importances v
+  (``key``: random order of equal importances)."""
   lo, hi = keep_range(step, cfg)
-  return lo + relative_ranks(v) * (hi - lo)
+  return lo + relative_ranks(v, key) * (hi - lo)
 
 
 def keep_probabilities(params: Mapping[str, Any],
                        stats: Mapping[str, Any] | None,
                        step: Array | int, cfg: DdropConfig,
-                       layers: Sequence[DdropLayer]) -> dict[str, Any]:
+                       layers: Sequence[DdropLayer],
+                       key: Array | None = None) -> dict[str, Any]:
   """The ``ddrop`` collection for one train step.
 
   Args:
@@ -149,16 +179,19 @@ def keep_probabilities(params: Mapping[str, Any],
     step: optimizer step of the DDROP phase (may be traced).
     cfg: DDROP config with ``total_steps`` resolved.
     layers: the DDROP layers (``ddrop_layers``).
+    key: orders equal importances at random (``tie_key``; one key per
+      layer is folded from it); None orders them by unit index.
 
   Returns:
     Nested dict ``{module path...: {'keep': (C,) float32}}`` to pass as
     ``variables['ddrop']``.
   """
   flat = {}
-  for layer in layers:
+  for i, layer in enumerate(layers):
     v = importance(layer, params, stats, cfg.criterion)
+    k = None if key is None else jax.random.fold_in(key, i)
     flat[layer.path + ("keep",)] = jax.lax.stop_gradient(
-        layer_keep(v, step, cfg))
+        layer_keep(v, step, cfg, k))
   return traverse_util.unflatten_dict(flat)
 
 
@@ -167,7 +200,7 @@ def init_stats(layers: Sequence[DdropLayer]) -> dict[str, Any]:
 
   Passing it in the variables (and as mutable) fixes the collection's
   structure from the first step, as jit needs. Before any statistics exist all
-  units tie, so ranks follow the unit index.
+  units tie (the training step orders them at random).
   """
   return traverse_util.unflatten_dict(
       {l.path + ("abs_mean",): jnp.zeros((l.units,), jnp.float32)

@@ -20,8 +20,10 @@ Rules, one per model family (spec section 2):
   except the last one, the output layer. A norm right after a hidden Linear
   (``classifier.1`` LayerNorm) is its *follower*: pruning zeros it with the
   unit.
-* **ViT / Swin** (to come with those models): a per-unit ``scale`` module
-  after the first Linear of each MLP block; add a rule to ``_RULES``.
+* **ViT / Swin**: the per-unit scale ``mlp.dummy_norm`` (a 1-D ``scale``,
+  ``models.transformer.DummyNorm``) after the first Linear of each MLP block,
+  present when the model is built with ``mlp_scale=True``; its producer is
+  the sibling ``fc1``. Attention layers are never selected.
 
 Layers come out in natural path order (numeric components compared as
 numbers), which does not depend on dict key order.
@@ -192,10 +194,23 @@ def _vgg_rule(modules) -> list[DdropLayer]:
   return found
 
 
+def _transformer_rule(modules) -> list[DdropLayer]:
+  found = []
+  for path, leaves in modules.items():
+    if path[-2:] != ("mlp", "dummy_norm") or module_kind(leaves) != "norm":
+      continue
+    fc1 = path[:-1] + ("fc1",)
+    if fc1 not in modules or module_kind(modules[fc1]) != "dense":
+      raise ValueError(f"DDROP layer {'.'.join(path)}: expected the MLP's "
+                       f"first Linear {'.'.join(fc1)} beside it")
+    found.append(DdropLayer(path, NORM, _units(modules, path), fc1, path))
+  return found
+
+
 # Each rule maps the module table to the DDROP layers of one family; a model
 # matches the rules of every family whose structure it contains.
-_RULES: tuple[Callable[[dict], list[DdropLayer]], ...] = (_resnet_rule,
-                                                           _vgg_rule)
+_RULES: tuple[Callable[[dict], list[DdropLayer]], ...] = (
+    _resnet_rule, _vgg_rule, _transformer_rule)
 
 
 def _as_params(model_or_params: Any, input_shape: tuple[int, ...] | None):
@@ -244,8 +259,9 @@ def ddrop_layers(model_or_params: Any,
     tops = sorted({p[0] for p in modules if p})
     raise ValueError(
         "no DDROP layers found: expected residual blocks with norms bn1/bn2 "
-        "(or bn_a/bn_b), or VGG 'features'/'classifier' containers; the model"
-        f" has top-level modules {tops}")
+        "(or bn_a/bn_b), VGG 'features'/'classifier' containers, or "
+        "transformer MLPs with a dummy_norm (build ViT/Swin with "
+        f"mlp_scale=True); the model has top-level modules {tops}")
   return tuple(sorted(found.values(), key=lambda l: _natural_key(l.path)))
 
 

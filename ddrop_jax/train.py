@@ -23,7 +23,7 @@ from flax import linen as nn
 
 from ddrop_jax.config import DdropConfig
 from ddrop_jax.l1 import ddrop_l1
-from ddrop_jax.probs import init_stats, keep_probabilities
+from ddrop_jax.probs import init_stats, keep_probabilities, tie_key
 from ddrop_jax.selection import DdropLayer
 from training import steps as steps_lib
 from training.state import TrainState
@@ -69,7 +69,8 @@ def ddrop_collections(params: Mapping[str, Any],
     (``ddrop``, plus ``ddrop_stats`` when given; make ``ddrop_stats`` mutable
     then) and ``rngs`` into the apply rngs.
   """
-  extra = {"ddrop": keep_probabilities(params, stats, step, cfg, layers)}
+  extra = {"ddrop": keep_probabilities(params, stats, step, cfg, layers,
+                                      tie_key(rng, step))}
   if stats is not None:
     extra[STATS] = stats
   return extra, {"ddrop": jax.random.fold_in(rng, step)}
@@ -94,7 +95,8 @@ def ddrop_variables_fn(layers: Sequence[DdropLayer], cfg: DdropConfig
 
   def variables_fn(state: TrainState, params: Any):
     stats = (state.extra or {}).get(STATS)
-    keep = keep_probabilities(params, stats, state.step, cfg, layers)
+    keep = keep_probabilities(params, stats, state.step, cfg, layers,
+                              tie_key(state.rng, state.step))
     if stats is None:
       return {"ddrop": keep}, []
     return {"ddrop": keep, STATS: stats}, [STATS]

@@ -92,7 +92,8 @@ def update_best(best: Best | None, metric: float, epoch: int, params: PyTree,
 
 
 def reprune(best: Best, gates: PyTree, info: li.LayerInfo, *, groups: int,
-            fp_every: int = 2, fp_layers: Sequence[int] | None = None,
+            fp_every: int | None = None,
+            fp_layers: Sequence[int] | None = None,
             parity: bool = True) -> prune_lib.PruneResult:
   """Between cycles: re-run the rate search at (best P.FLOPS / 100 + 0.001).
 
@@ -101,7 +102,7 @@ def reprune(best: Best, gates: PyTree, info: li.LayerInfo, *, groups: int,
     gates: the group logits.
     info: the taking-part layers.
     groups: G.
-    fp_every: n of the filter-pruning rule.
+    fp_every: n of the filter-pruning rule (None: derived, see ``prune``).
     fp_layers: explicit fp layer indices.
     parity: keep the cnt_g = 0 defect.
 

@@ -89,12 +89,27 @@ class Block:
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
-  """Taking-part convs in model (call) order and the residual blocks."""
+  """Taking-part convs in model (call) order and the residual blocks.
+
+  Attributes:
+    convs: the taking-part convs.
+    blocks: the two-conv residual blocks (conv_a, conv_b with their norms).
+    image_shape: (H, W, C) of the probe image.
+    model: the Flax model (whole-model figures), when known.
+    fp: indices into ``convs`` of the filter-pruned (fp) layers derived from
+      the structure (spec §3): the last conv of every residual block's main
+      branch; every taking-part conv of a network without residual sums.
+      None when unknown (a hand-built description): the every-n rule applies.
+    structure: the model's ``models.structure.ModelStructure``; the generic
+      dead-structure removal reads it.
+  """
 
   convs: tuple[ConvInfo, ...]
   blocks: tuple[Block, ...]
   image_shape: tuple[int, int, int]
   model: Any = dataclasses.field(default=None, compare=False)
+  fp: tuple[int, ...] | None = None
+  structure: Any = dataclasses.field(default=None, compare=False)
 
   def conv(self, path: Path) -> ConvInfo:
     for c in self.convs:
@@ -124,8 +139,9 @@ def analyze(model: nn.Module, image_shape: Sequence[int],
     The layer description.
 
   Raises:
-    ValueError: if the model creates no gates, or its gates are not on the
-      taking-part convs.
+    ValueError: if the model creates no gates, its gates are not on the
+      taking-part convs, or a taking-part conv's output reaches an operation
+      the structure walk cannot follow channel by channel (naming both).
   """
   from models import structure  # pylint: disable=g-import-not-at-top
   x = jax.ShapeDtypeStruct((1, *image_shape), dtype)
@@ -148,12 +164,40 @@ def analyze(model: nn.Module, image_shape: Sequence[int],
         "the model's gates are not on the taking-part convs (spec §0): gates "
         f"on {sorted('.'.join(p) for p in gate_paths)}, taking part "
         f"{['.'.join(c.path) for c in convs]}")
+  mixed_by = getattr(st, "mixed_by", {})
+  for l in st.taking_part:
+    if l.path in st.mixed:
+      raise ValueError(
+          f"{l.name}: its output channels reach the operation "
+          f"{mixed_by.get(l.path, 'unknown')!r}, which mixes channels in a way "
+          "the channel-flow walk does not follow; DSP needs to know where "
+          "every taking-part conv's channels go")
   blocks = []
   for b in st.blocks:
     if len(b.main) == 2 and all(n is not None for _, n in b.main):
       (ca, na), (cb, nb) = b.main
       blocks.append(Block(tuple(ca), tuple(na), tuple(cb), tuple(nb)))
-  return LayerInfo(tuple(convs), tuple(blocks), tuple(image_shape), model)
+  return LayerInfo(tuple(convs), tuple(blocks), tuple(image_shape), model,
+                   derived_fp(st), st)
+
+
+def derived_fp(st: Any) -> tuple[int, ...]:
+  """fp layer indices of a structure (spec §3, derived rather than set).
+
+  The last conv of every residual block's main branch (every 2nd taking-part
+  conv of basic blocks, every 3rd of bottlenecks); for a network without
+  residual sums, every taking-part conv.
+
+  Args:
+    st: a ``models.structure.ModelStructure``.
+
+  Returns:
+    Indices into ``st.taking_part``.
+  """
+  tp = st.taking_part
+  if not st.blocks:
+    return tuple(range(len(tp)))
+  return tuple(i for i, l in enumerate(tp) if l.block_last)
 
 
 def _flat_paths(tree) -> list[Path]:

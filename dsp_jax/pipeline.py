@@ -65,24 +65,39 @@ INPUT_OF = {"group": "pretrain", "prune_finetune": "group",
             "pack": "prune_finetune"}
 
 
-def depth_of(model_name: str) -> int:
-  """L of a ``cifar_resnet{L}`` registry name (the reference's ``-l``)."""
-  m = re.fullmatch(r"cifar_resnet(\d+)", model_name)
-  if not m:
-    raise ValueError(f"model {model_name!r}: DSP's pipeline needs a CIFAR "
-                     "ResNet (cifar_resnet{8,20,32,44,56,110})")
-  return int(m.group(1))
+def family_of(model_name: str) -> str:
+  """The registry family of a model (``cifar_resnet``, ``resnet``, ``vgg``)."""
+  return models.model_spec(model_name).family
 
 
 def reference_name(stage: str, model_name: str, groups: int,
                    rate: float) -> str:
-  """The reference's file name of a stage's output (spec §6)."""
-  depth = depth_of(model_name)
+  """The reference's file name of a stage's output (spec §6).
+
+  The DSP CIFAR ResNets keep the reference's names (``resnet{L}.pkl``,
+  ``resnet{L}_G0g{G}.pkl``, ``resnet{L}_P0g{G}c{rate}.pkl``); other models
+  use their registry name in place of ``resnet{L}``.
+  """
+  m = re.fullmatch(r"cifar_resnet(\d+)", model_name)
+  base = (f"resnet{m.group(1)}" if m and family_of(model_name) ==
+          "cifar_resnet" else model_name)
   if stage == "pretrain":
-    return f"resnet{depth}.pkl"
+    return f"{base}.pkl"
   if stage == "group":
-    return f"resnet{depth}_G{DEV}g{groups}.pkl"
-  return f"resnet{depth}_P{DEV}g{groups}c{rate:.2f}.pkl"
+    return f"{base}_G{DEV}g{groups}.pkl"
+  return f"{base}_P{DEV}g{groups}c{rate:.2f}.pkl"
+
+
+def fp_options(config: Mapping[str, Any]) -> dict[str, Any]:
+  """``fp_every`` / ``fp_layers`` of ``dsp_jax.prune`` from the config.
+
+  ``dsp.fp_layers`` (explicit indices) wins, then ``dsp.fp_every`` > 0; with
+  neither the fp layers are derived from the model's structure.
+  """
+  d = config["dsp"]
+  if d["fp_layers"].strip():
+    return {"fp_layers": [int(v) for v in d["fp_layers"].split(",")]}
+  return {"fp_every": d["fp_every"] or None}
 
 
 # ------------------------------------------------------------------ inputs
@@ -129,11 +144,11 @@ def load_input(path: str | pathlib.Path, config: Mapping[str, Any],
     if g is not None and g != groups:
       raise ValueError(f"{path} is group-learned with {g} groups but "
                        f"dsp.groups={groups}; set --config.dsp.groups={g}")
-    model = models.create_model(name, 10 if "classifier.bias" not in sd
-                                else int(sd["classifier.bias"].shape[0]),
+    family = family_of(name)
+    model = models.create_model(name, _classes_of(sd),
                                 **({"groups": g} if g else {}))
     variables = ref_lib.from_reference(
-        sd, jax_side.template(model, image_size, channels))
+        sd, jax_side.template(model, image_size, channels), family)
   else:
     raise FileNotFoundError(
         f"{path}: expected a stage directory of a run, a directory with "
@@ -148,11 +163,20 @@ def load_input(path: str | pathlib.Path, config: Mapping[str, Any],
   return dict(variables)
 
 
+def _classes_of(state_dict: Mapping[str, Any]) -> int:
+  """Classifier outputs of a state dict: its last 1-D ``bias`` (10 if none)."""
+  biases = [k for k, t in state_dict.items()
+            if k.endswith(".bias") and len(t.shape) == 1]
+  return int(state_dict[biases[-1]].shape[0]) if biases else 10
+
+
 def _stage_input(stage: str, config: Mapping[str, Any], env: pipeline.Env,
                  first: bool) -> dict[str, Any] | None:
   """The input variables of ``stage``: ``dsp.init_from`` for the first
   selected stage, else the previous stage's output (None: start fresh)."""
-  init_from = config["dsp"]["init_from"]
+  # ``init_from`` is every pipeline's pretrained start; ``dsp.init_from`` the
+  # same for DSP (kept for existing configs).
+  init_from = config["init_from"] or config["dsp"]["init_from"]
   info = env.info
   if first and init_from:
     return load_input(init_from, config, info.image_size, info.channels)
@@ -182,7 +206,8 @@ def _save_output(env: pipeline.Env, stage: str, config: Mapping[str, Any],
                             meta)
     ref_stage = {"pretrain": "pretrained", "group": "group"}.get(
         stage, "finetuned")
-    sd = ref_lib.to_reference(variables, ref_stage)
+    sd = ref_lib.to_reference(variables, ref_stage,
+                              family_of(config["model"]))
     ref_lib.save(directory / reference_name(
         stage, config["model"], config["dsp"]["groups"],
         config["dsp"]["prune_rate"]), sd,
@@ -312,6 +337,13 @@ def _prune_figures(res: dsp_jax.PruneResult) -> dict[str, Any]:
   }
 
 
+def _check_prune_agrees(res: dsp_jax.PruneResult) -> None:
+  """Every process must have found the same masks and β: each computes them
+  on the host from the replicated state before they go back on the mesh."""
+  mesh_lib.check_same_on_processes(
+      {"masks": res.masks, "beta": np.float64(res.beta)}, "DSP prune masks")
+
+
 def prune_finetune(config, env, variables) -> dict[str, Any]:
   """§3: rate search, cyclic fine-tuning; returns the best variables."""
   d = config["dsp"]
@@ -327,7 +359,8 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
   epochs = -(-d["finetune_epochs"] // d["cycles"])
   res = dsp_jax.prune(variables["params"], gates, layer_info,
                       groups=d["groups"], rate=d["prune_rate"],
-                      fp_every=d["fp_every"])
+                      **fp_options(config))
+  _check_prune_agrees(res)
   best, best_res, cycles, last = None, None, [], None
   # Every cycle has the same optimizer and schedule, started afresh from
   # ``tx.init``: one jitted step and evaluator serve all cycles.
@@ -356,23 +389,24 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
     cycles.append({"cycle": cycle + 1, "beta": res.beta,
                    "pflops_reference": res.p_flops,
                    "final": _test_acc(result.final),
-                   "best": acc})
+                   "best": acc, "best_step": result.best_step})
     last = result
     if cycle + 1 < d["cycles"]:
       try:
         res = dsp_jax.reprune(best, gates, layer_info, groups=d["groups"],
-                              fp_every=d["fp_every"])
+                              **fp_options(config))
       except ValueError as e:  # Best P.FLOPS + 0.1 pt is unreachable.
         warnings.warn(f"re-prune after cycle {cycle + 1} skipped ({e}); the "
                       "next cycle keeps the best model's masks")
         res = dataclasses.replace(best_res, params=best.params)
+      _check_prune_agrees(res)
       variables = {**variables, "batch_stats": best.batch_stats}
   figures = {**_prune_figures(best_res), "groups": d["groups"],
              "pruned_accuracy": _test_acc(last.final),
              "best_accuracy": best.metric, "best_cycle": best.epoch,
              "selected_on": config["select_on"], "cycles": cycles}
+  figures["exported"] = exported_entry(figures)
   env.report.merge(figures)
-  print(dsp_jax.format_table(best_res), flush=True)
   _save_output(env, "prune_finetune", config, info.num_classes, best_vars,
                best_test, meta=figures)
   return best_vars
@@ -388,12 +422,26 @@ def pack(config, env, variables) -> dict[str, Any]:
   model = pipeline.build_model(
       config, env.info.num_classes,
       groups=d["groups"] if variables.get("gates") else None)
-  result = convert_dsp.export_packed(model, variables, env.workdir / EXPORT,
-                                     image_size=env.info.image_size)
-  env.report.merge({"export": {
-      "files": {k: str(p) for k, p in result.files.items()},
-      "max_abs_diff": result.max_abs_diff,
-      "branches": {k: list(v) for k, v in result.branches.items()}}})
+  if not mesh_lib.is_primary():  # Process 0 writes the export.
+    return variables
+
+  def export():
+    if family_of(config["model"]) == "cifar_resnet":
+      # The released files' format (spec §4).
+      result = convert_dsp.export_packed(model, variables,
+                                         env.workdir / EXPORT,
+                                         image_size=env.info.image_size)
+      branches = {k: list(v) for k, v in result.branches.items()}
+    else:
+      from convert import branched  # pylint: disable=g-import-not-at-top
+      result = branched.export_branched(model, variables, env.workdir / EXPORT,
+                                        env.info.image_size)
+      branches = result.branches
+    return {"files": {k: str(p) for k, p in result.files.items()},
+            "max_abs_diff": result.max_abs_diff, "branches": branches}
+
+  entry = pipeline.export_stage(config, env, variables, export)
+  env.report.merge({"export": entry, "preprocess": entry["preprocess"]})
   return variables
 
 
@@ -401,29 +449,60 @@ STAGE_FNS = {"pretrain": pretrain, "group": group,
              "prune_finetune": prune_finetune, "pack": pack}
 
 
-def summary(report: Mapping[str, Any]) -> str:
-  """The structure table and the DSP figures of a report, as text."""
-  lines = []
-  for row in report.get("structure", []):
-    lines.append(f"{row['layer']:<20}" + " ".join(
-        f"{f}x{i}" for f, i in row["groups"]))
-  if lines:
-    lines.insert(0, f"{'layer':<20}per group: filters x kept inputs")
+def exported_entry(figures: Mapping[str, Any]) -> dict[str, str]:
+  """Which checkpoint ``prune_finetune`` outputs (and ``pack`` exports), and
+  why: the report's ``exported``."""
+  n, best = len(figures["cycles"]), figures["best_cycle"]
+  row = figures["cycles"][best - 1]
+  what = (f"cycle {best}'s best checkpoint (prune_finetune/cycle_{best}, "
+          f"step {row['best_step']}; P.FLOPS {row['pflops_reference']:.2f} %)")
+  why = (f"the highest {figures['selected_on']} accuracy "
+         f"({100 * figures['best_accuracy']:.2f} %) of the {n} cycle"
+         + ("s" if n > 1 else "") + "; the pruning figures and structure "
+         "above are this checkpoint's")
+  return {"what": what, "why": why}
+
+
+# Report entries ``summary`` shows.
+SUMMARY_KEYS = ("structure", "groups", "beta", "pflops_reference",
+                "pparams_reference", "pflops_propagated",
+                "pparams_propagated", "dense_accuracy", "pruned_accuracy",
+                "best_accuracy", "best_cycle", "selected_on", "cycles",
+                "empty_groups")
+
+
+def summary(report: Mapping[str, Any]) -> list[str]:
+  """The DSP lines of the run summary: cycles, measures, structure.
+
+  Args:
+    report: the report dict.
+
+  Returns:
+    Lines (``training.report.Report.summary`` wraps them).
+  """
   fmt = lambda v, spec: "-" if v is None else format(v, spec)
+  pct = lambda v: "-" if v is None else f"{100 * v:.2f} %"
+  lines = [f"accuracy: dense {pct(report.get('dense_accuracy'))} (after "
+           f"group learning); last cycle's final "
+           f"{pct(report.get('pruned_accuracy'))}; best "
+           f"{pct(report.get('best_accuracy'))} on "
+           f"{report.get('selected_on', '-')} (cycle "
+           f"{report.get('best_cycle', '-')})"]
+  for c in report.get("cycles", []):
+    lines.append(f"  cycle {c['cycle']}: beta {fmt(c.get('beta'), '.6f')}, "
+                 f"P.FLOPS {fmt(c.get('pflops_reference'), '.2f')} %, final "
+                 f"{pct(c.get('final'))}, best {pct(c.get('best'))}")
   lines.append(
-      f"DSP G={report.get('groups')} beta={fmt(report.get('beta'), '.6f')} | "
-      f"P.FLOPS {fmt(report.get('pflops_reference'), '.2f')}% (reference) "
-      f"{fmt(report.get('pflops_whole_model'), '.2f')}% (whole model) | "
-      f"P.PARAMS {fmt(report.get('pparams_reference'), '.2f')}% / "
-      f"{fmt(report.get('pparams_whole_model'), '.2f')}%")
-  pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
-  lines.append(f"accuracy: dense {pct(report.get('dense_accuracy'))}, pruned "
-               f"{pct(report.get('pruned_accuracy'))} (final), best "
-               f"{pct(report.get('best_accuracy'))} "
-               f"(on {report.get('selected_on', '-')})")
-  if report.get("export"):
-    lines.append("export: " + ", ".join(report["export"]["files"].values()))
-  return "\n".join(lines)
+      f"DSP G={report.get('groups')} beta={fmt(report.get('beta'), '.6f')}: "
+      f"P.FLOPS {fmt(report.get('pflops_reference'), '.2f')} % / P.PARAMS "
+      f"{fmt(report.get('pparams_reference'), '.2f')} % (reference measure)")
+  rows = report.get("structure", [])
+  if rows:
+    width = max(len(r["layer"]) for r in rows) + 2
+    lines.append(f"{'layer':<{width}}per group: filters x kept inputs")
+    lines += [f"{r['layer']:<{width}}" + " ".join(
+        f"{f}x{i}" for f, i in r["groups"]) for r in rows]
+  return lines
 
 
 def run(config: Mapping[str, Any], workdir: str | pathlib.Path
@@ -438,7 +517,6 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
     The report dict (also in ``workdir/report.json``).
   """
   env = pipeline.setup(config, workdir)
-  depth_of(config["model"])
   selected = config_lib.selected_stages(config)
   variables = None
   for i, stage in enumerate(selected):
@@ -464,8 +542,10 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
     env.report.merge(pipeline.model_figures(model, variables,
                                             env.info.image_size))
   env.report.merge({"groups": groups})
+  pipeline.add_plots(env)
   env.report.save()
   if jax.process_index() == 0:
-    print(env.report.summary(), flush=True)
-    print(summary(env.report.data), flush=True)
+    print(env.report.summary(summary(env.report.data), SUMMARY_KEYS),
+          flush=True)
+  pipeline.finish_together()
   return env.report.data

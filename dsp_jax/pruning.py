@@ -92,6 +92,127 @@ def _normalised_sorted(x: np.ndarray):
   return x, s, np.cumsum(s, axis=-1)
 
 
+class _Flow:
+  """Dead-structure removal (spec §3 step 4) over a channel-flow structure.
+
+  The rule is the reference's criterion, exactly-zero weight gradients over
+  random train-mode batches on the masked network, derived without passes:
+
+  * forward, in call order: an input channel of a layer is identically zero
+    when the channel it reads is zero in every producer of its residual
+    space; a layer's output channel is constant when no kept kernel reads a
+    non-zero input; after a norm a constant channel is its masked β
+    (train-mode statistics), and a norm followed by ReLU (a producer alone in
+    its space) makes it zero when that β ≤ 0; without a norm it is its bias.
+  * backward, in reverse call order: a channel of a space is used when a
+    kept kernel of a reader whose output is used reads it (spaces that reach
+    the logits or a channel-mixing operation are always used); a layer's
+    output is used when its space's channel is, its norm mask is not zero,
+    and ReLU does not block a constant β ≤ 0.
+  * a kernel (i, o) of a taking-part conv dies when input i is zero or output
+    o unused; its norm dies (γ and β) when its input is constant or its
+    output unused. Stem, shortcut convs, their norms and dense layers outside
+    the taking-part set are never changed.
+
+  For the two-conv residual block this is the reference's one-pass rule:
+  ``a_o`` (conv_a row o kept) and ``r_o = a_o or β_a[o] > 0`` decide conv_b's
+  input channels, ``c_o`` (conv_b column o kept) conv_a's filters, and so on.
+  """
+
+  def __init__(self, st: Any, params: PyTree, paths: Sequence[li.Path]):
+    from models import structure  # pylint: disable=g-import-not-at-top
+    self.prods = st.producers
+    self.tp = {p: l for l, p in enumerate(paths)}
+    self.fixed = {l.path: structure.connectivity(l, None, params)
+                  for l in self.prods if l.path not in self.tp}
+    self.space = {p: i for i, sp in enumerate(st.spaces) for p in sp}
+    self.alone = {l.path: len(st.spaces[self.space[l.path]]) == 1
+                  for l in self.prods}
+    self.members = [sorted(sp, key=lambda p: st[p].order) for sp in st.spaces]
+    self.pinned = {i for i, sp in enumerate(st.spaces)
+                   if sp & (st.outputs | st.mixed)}
+    self.readers: dict[int, list] = {}
+    for l in self.prods:
+      if l.inputs and l.aligned:
+        self.readers.setdefault(self.space[l.inputs[0]], []).append(l)
+    self.beta, self.bias = {}, {}
+    for l in self.prods:
+      node = li.get(params, l.path)
+      self.bias[l.path] = (np.asarray(node["bias"], np.float64)
+                           if "bias" in node else None)
+      if l.norm is not None:
+        self.beta[l.path] = np.asarray(li.get(params, l.norm)["bias"],
+                                       np.float64)
+
+  def _pass(self, masks, abs_w, nm):
+    live = {p: (abs_w[l] * masks[l] > 0) for p, l in self.tp.items()}
+    live.update(self.fixed)
+    zero_out, blocked, zero_in, const = {}, {}, {}, {}
+    for l in self.prods:
+      p = l.path
+      if l.inputs and l.aligned:
+        mem = self.members[self.space[l.inputs[0]]]
+        if all(q in zero_out for q in mem):
+          z = np.logical_and.reduce([zero_out[q] for q in mem])
+        else:  # a later producer of the space still adds to it
+          z = np.zeros(zero_out[mem[0]].shape, bool)
+        zero_in[p] = z[l.channel_map()]
+      else:
+        zero_in[p] = np.zeros((l.in_features,), bool)
+      const[p] = ~np.any(live[p] & ~zero_in[p][:, None], axis=0)
+      if l.norm is not None:
+        m = nm.get(self.tp.get(p), np.ones((l.out_features,)))
+        value = self.beta[p] * m
+        off = m == 0
+        zero, block = off | (const[p] & (value == 0)), off
+        if self.alone[p]:  # norm -> ReLU
+          zero = block = off | (const[p] & (value <= 0))
+      else:
+        b = self.bias[p]
+        zero = const[p] & (True if b is None else b == 0)
+        block = np.zeros((l.out_features,), bool)
+      zero_out[p], blocked[p] = zero, block
+    used_out, used_space = {}, {}
+    for l in reversed(self.prods):
+      i = self.space[l.path]
+      if i not in used_space:
+        if i in self.pinned:
+          u = np.ones((l.out_features,), bool)
+        else:
+          u = np.zeros((l.out_features,), bool)
+          for q in self.readers.get(i, []):
+            if q.path not in used_out:
+              u[:] = True  # read before this producer: count it as used
+              break
+            col = (live[q.path] & used_out[q.path][None, :]).any(axis=1)
+            np.logical_or.at(u, q.channel_map(), col)
+        used_space[i] = u
+      used_out[l.path] = used_space[i] & ~blocked[l.path]
+    new_masks, new_nm = [], {}
+    for p, l in self.tp.items():
+      new_masks.append(masks[l] * (~zero_in[p])[:, None]
+                       * used_out[p][None, :])
+    for layer in self.prods:
+      l = self.tp.get(layer.path)
+      if l is not None and layer.norm is not None:
+        m = nm.get(l, np.ones((layer.out_features,)))
+        new_nm[l] = m * (~const[layer.path]
+                         & used_space[self.space[layer.path]])
+    return new_masks, new_nm
+
+  def remove(self, masks, abs_w, propagate):
+    """One pass (or the fixed point) of the rule; (kernel masks, BN masks)."""
+    masks, nm = list(masks), {}
+    while True:
+      new_masks, new_nm = self._pass(masks, abs_w, nm)
+      done = (all(np.array_equal(a, b) for a, b in zip(new_masks, masks))
+              and all(np.array_equal(new_nm[k], nm.get(k, 1.0 + 0 * v))
+                      for k, v in new_nm.items()))
+      masks, nm = new_masks, new_nm
+      if not propagate or done:
+        return masks, nm
+
+
 class Pruner:
   """Precomputed, β-independent data of one set of weights and logits.
 
@@ -100,18 +221,21 @@ class Pruner:
     gates: group logits (``gates`` collection layout).
     info: the taking-part layers.
     groups: G (must match the logits).
-    fp_every: n of the every-n-th filter-pruning rule.
+    fp_every: n of the every-n-th filter-pruning rule; None: the fp layers
+      ``info`` derived from the structure (every 2nd layer when it has none).
     fp_layers: explicit fp layer indices (override ``fp_every``).
     parity: keep the reference's cnt_g = 0 rule (whole group pruned).
   """
 
   def __init__(self, params: PyTree, gates: PyTree, info: li.LayerInfo,
-               groups: int, *, fp_every: int = 2,
+               groups: int, *, fp_every: int | None = None,
                fp_layers: Sequence[int] | None = None, parity: bool = True):
     gates_lib.check_groups(gates, groups)
     self.params, self.info, self.groups, self.parity = (params, info, groups,
                                                         parity)
-    self.fp = set(fp_layer_indices(len(info.convs), fp_every, fp_layers))
+    if fp_layers is None and fp_every is None and info.fp is not None:
+      fp_layers = info.fp
+    self.fp = set(fp_layer_indices(len(info.convs), fp_every or 2, fp_layers))
     self.layers = []
     for l, c in enumerate(info.convs):
       if groups > c.out_features:
@@ -132,11 +256,8 @@ class Pruner:
       self.layers.append(entry)
     self.flops = np.array([c.flops for c in info.convs], np.float64)
     self.nparams = np.array([c.params for c in info.convs], np.float64)
-    index = {c.path: l for l, c in enumerate(info.convs)}
-    self.blocks = []
-    for b in info.blocks:
-      bias = np.asarray(li.get(params, b.norm_a)["bias"], np.float64)
-      self.blocks.append((index[b.conv_a], index[b.conv_b], bias))
+    self.flow = (None if info.structure is None else
+                 _Flow(info.structure, params, info.paths))
 
   def channel_masks(self, beta: float):
     """Steps 1-3: kernel masks ``(I, O)`` per layer, and emptied groups."""
@@ -156,7 +277,7 @@ class Pruner:
     return masks, empty
 
   def dead_structure(self, masks: list[np.ndarray], propagate: bool = False):
-    """Step 4 per residual block; returns new kernel masks and BN masks.
+    """Step 4 over the channel-flow structure; new kernel and BN masks.
 
     Args:
       masks: kernel masks from ``channel_masks``.
@@ -164,31 +285,11 @@ class Pruner:
 
     Returns:
       ``(kernel_masks, norm_masks)``; ``norm_masks[l]`` is the ``(O,)`` mask
-      of the BatchNorm after layer l (blocks only).
+      of the BatchNorm after taking-part layer l (when it has one).
     """
-    masks = list(masks)
-    norm = {}
-    for la, lb, bias_a in self.blocks:
-      ma, mb = masks[la], masks[lb]
-      nb_a = np.ones(ma.shape[1])
-      while True:
-        live_a = self.layers[la]["abs"] * ma > 0                # (I, O_a)
-        live_b = self.layers[lb]["abs"] * mb > 0                # (O_a, O_b)
-        a = live_a.any(axis=0)
-        c = live_b.any(axis=1)
-        r = a | (bias_a * nb_a > 0)
-        new_ma = ma * (c & r)[None, :]
-        new_nb_a = nb_a * (a & c & r)
-        new_mb = mb * r[:, None]
-        nb_b = (live_b & r[:, None]).any(axis=0).astype(np.float64)
-        done = (np.array_equal(new_ma, ma) and np.array_equal(new_mb, mb)
-                and np.array_equal(new_nb_a, nb_a))
-        ma, mb, nb_a = new_ma, new_mb, new_nb_a
-        if not propagate or done:
-          break
-      masks[la], masks[lb] = ma, mb
-      norm[la], norm[lb] = nb_a, nb_b
-    return masks, norm
+    if self.flow is None:
+      return list(masks), {}
+    return self.flow.remove(masks, [e["abs"] for e in self.layers], propagate)
 
   def pruned_fraction(self, masks: list[np.ndarray]) -> tuple[float, float]:
     """Reference P.FLOPS / P.PARAMS in % (step 5)."""
@@ -295,7 +396,7 @@ def _whole_model(info: li.LayerInfo, params: PyTree,
 
 
 def prune_at(params: PyTree, gates: PyTree, info: li.LayerInfo, *,
-             groups: int, beta: float, fp_every: int = 2,
+             groups: int, beta: float, fp_every: int | None = None,
              fp_layers: Sequence[int] | None = None,
              parity: bool = True) -> PruneResult:
   """One prune at threshold β (spec §3 steps 1-5).
@@ -306,7 +407,7 @@ def prune_at(params: PyTree, gates: PyTree, info: li.LayerInfo, *,
     info: the taking-part layers.
     groups: G.
     beta: threshold in (0, 1).
-    fp_every: n of the filter-pruning rule.
+    fp_every: n of the filter-pruning rule (None: derived, see ``prune``).
     fp_layers: explicit fp layer indices.
     parity: keep the cnt_g = 0 defect.
 
@@ -315,6 +416,10 @@ def prune_at(params: PyTree, gates: PyTree, info: li.LayerInfo, *,
   """
   return Pruner(params, gates, info, groups, fp_every=fp_every,
                 fp_layers=fp_layers, parity=parity).result(beta)
+
+
+# The largest β the search can reach: ten steps up from 0.15 towards 1.
+BETA_MAX = 1.0 - 0.85 / 2**10
 
 
 def rate_search_betas(pruner: Pruner, rate: float) -> tuple[float, list]:
@@ -334,7 +439,7 @@ def rate_search_betas(pruner: Pruner, rate: float) -> tuple[float, list]:
 
 
 def prune(params: PyTree, gates: PyTree, info: li.LayerInfo, *, groups: int,
-          rate: float, fp_every: int = 2,
+          rate: float, fp_every: int | None = None,
           fp_layers: Sequence[int] | None = None,
           parity: bool = True) -> PruneResult:
   """Prunes to a target rate of reference P.FLOPS by the spec's β search.
@@ -348,7 +453,9 @@ def prune(params: PyTree, gates: PyTree, info: li.LayerInfo, *, groups: int,
     info: the taking-part layers.
     groups: G (must match the logits).
     rate: target pruned FLOPs fraction in (0, 1), e.g. 0.5.
-    fp_every: n of the every-n-th filter-pruning rule (2 for CIFAR ResNets).
+    fp_every: n of the every-n-th filter-pruning rule; None: the fp layers
+      derived from the structure (``info.fp``: every 2nd conv of basic
+      blocks, every 3rd of bottlenecks, every conv of a VGG).
     fp_layers: explicit fp layer indices (override ``fp_every``).
     parity: keep the reference's cnt_g = 0 rule (a warning names the groups).
 
@@ -367,6 +474,13 @@ def prune(params: PyTree, gates: PyTree, info: li.LayerInfo, *, groups: int,
         f"rate={rate!r} is unreachable: the pruned-FLOPs rate must lie in "
         f"({floor / 100:.4f}, 1) — above what the weights already have "
         f"({floor:.2f}% zero kernels) and below 100%")
+  top = pruner.flops_at(BETA_MAX)
+  if 100.0 * rate > top:
+    raise ValueError(
+        f"rate={rate!r} is unreachable: the pruned-FLOPs rate must lie in "
+        f"({floor / 100:.4f}, {top / 100:.4f}) — pruning at the search's "
+        f"largest threshold (beta={BETA_MAX:.6f}) removes {top:.2f}% of the "
+        "FLOPs")
   beta, trials = rate_search_betas(pruner, rate)
   res = pruner.result(beta)
   if abs(res.p_flops - 100.0 * rate) > 1.0:

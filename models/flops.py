@@ -209,8 +209,9 @@ def report(model, variables: Mapping[str, Any],
         int(round(l.macs * surv / conn.size)), dense_params, left, l.insize))
   other = sum(int(np.prod(np.shape(v))) for p, v in leaves.items()
               if p not in counted)
-  macs_dense = sum(r.macs_dense for r in rows)
-  macs = sum(r.macs for r in rows)
+  # Attention's activation-by-activation products run whatever is pruned.
+  macs_dense = sum(r.macs_dense for r in rows) + struct.activation_macs
+  macs = sum(r.macs for r in rows) + struct.activation_macs
   params_left = sum(r.params for r in rows) + other
   pflops, pparams = dsp_measure(struct, params, masks, remove_dead)
   return FlopsReport(

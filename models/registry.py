@@ -18,7 +18,8 @@ class ModelSpec:
   Attributes:
     name: registry name.
     family: ``cifar_resnet`` (DSP), ``resnet`` / ``vgg`` (torchvision layout;
-      CIFAR or ImageNet stem), used by the converter's name tables.
+      CIFAR or ImageNet stem), ``vit`` / ``swin`` (torchvision's vision
+      transformers), used by the converter's name tables.
     build: ``build(num_classes, **overrides) -> nn.Module``.
     image_size: input height/width the model is meant for.
     tiny: a small variant meant for tests.
@@ -121,3 +122,21 @@ register("cifar_vgg_tiny", "vgg", functools.partial(
     _tiny, vgg.VGG,
     dict(config=(4, "M", 8, 8, "M", 16, "M"), head="cifar", hidden=16,
          image_size=32)), 32, tiny=True)
+
+
+# Vision transformers (torchvision architectures; DDROP's ViT/Swin).
+from models import swin, vit  # noqa: E402
+
+
+def _vit(variant: str, num_classes: int, **kw) -> nn.Module:
+  return vit.vit(variant, num_classes, **kw)
+
+
+def _swin(variant: str, num_classes: int, **kw) -> nn.Module:
+  return swin.swin(variant, num_classes, **kw)
+
+
+register("vit_b_16", "vit", functools.partial(_vit, "b_16"), 224)
+register("vit_tiny", "vit", functools.partial(_vit, "tiny"), 32, tiny=True)
+register("swin_t", "swin", functools.partial(_swin, "t"), 224)
+register("swin_tiny", "swin", functools.partial(_swin, "tiny"), 32, tiny=True)

@@ -52,7 +52,8 @@ INSIZE_NORMALISER = 16 * 32 * 32
 # Elementwise primitives: channels pass through, operands merge.
 _ELEMENTWISE = frozenset({
     "abs", "add", "add_any", "and", "clamp", "convert_element_type", "copy",
-    "copy_p", "cos", "div", "eq", "erf", "erf_inv", "exp", "exp2", "expm1",
+    "copy_p", "cos", "div", "eq", "erf", "erfc", "erf_inv", "exp", "exp2",
+    "expm1",
     "ge", "gt", "integer_pow", "is_finite", "le", "log", "log1p", "logistic",
     "lt", "max", "min", "mul", "ne", "neg", "not", "or", "pow",
     "reduce_precision", "rem", "round", "rsqrt", "select_n", "sign", "sin",
@@ -180,6 +181,11 @@ class ModelStructure:
     mixed: producers whose channels reach something channel-mixing; their
       channels are never dead.
     input_shape: (H, W, C) of the traced image.
+    mixed_by: for every producer in ``mixed``, the name of the operation
+      (jaxpr primitive) that first mixed its channels.
+    activation_macs: multiply-accumulates of contractions between two
+      activations (attention scores and weighted values) for one image; they
+      have no weights and are never pruned.
   """
 
   layers: Mapping[Path, LayerInfo]
@@ -188,6 +194,8 @@ class ModelStructure:
   outputs: frozenset[Path]
   mixed: frozenset[Path]
   input_shape: tuple[int, int, int]
+  mixed_by: Mapping[Path, str] = dataclasses.field(default_factory=dict)
+  activation_macs: int = 0
 
   def _select(self, pred) -> list[LayerInfo]:
     return [l for l in self.layers.values() if pred(l)]
@@ -276,8 +284,11 @@ class _Walker:
     self.norm_modules = norm_modules
     self.records: dict[Path, dict[str, Any]] = {}
     self.mixed: set[Path] = set()
+    # producer -> the primitive that first made its channels mixed
+    self.mixed_by: dict[Path, str] = {}
     self.parent: dict[Path, Path] = {}
     self.blocks: list[dict[str, Any]] = []
+    self.activation_macs = 0
 
   # union-find over producers (residual spaces)
   def find(self, p: Path) -> Path:
@@ -311,7 +322,11 @@ class _Walker:
 
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
+      n_mixed = len(self.mixed)
       outs = self._eqn(eqn, ins)
+      if len(self.mixed) != n_mixed:
+        for p in self.mixed:
+          self.mixed_by.setdefault(p, eqn.primitive.name)
       for v, o in zip(eqn.outvars, outs):
         if not isinstance(v, jcore.DropVar):
           env[v] = o
@@ -340,6 +355,12 @@ class _Walker:
       return [self._broadcast(eqn, acts[0], in_shapes[0], out_shape)]
     if name == "dot_general" and len(acts) == 1:
       return [self._dot_const(eqn, ins, acts[0])]
+    if name == "dot_general" and len(acts) == 2:
+      # Two activations contracted (attention's q.k and weights.v): MACs
+      # without weights to prune; the operands' channels are mixed below.
+      (lc, _), _ = eqn.params["dimension_numbers"]
+      self.activation_macs += int(np.prod(out_shape)) * int(
+          np.prod([in_shapes[0][d] for d in lc]))
     a = acts[0]
     if a.axis is None:
       return [self._unaligned(flow, trail)] * n_out
@@ -541,7 +562,10 @@ class _Walker:
         module = src[1:-1]
         if module in self.norm_modules and module not in self.records:
           a = acts[0]
-          c = eqn.outvars[0].aval.shape[a.axis] if a.axis is not None else 0
+          # A norm normalises its last axis (also when the channels reaching
+          # it are not aligned, e.g. after a channel concatenation).
+          c = eqn.outvars[0].aval.shape[
+              a.axis if a.axis is not None else -1]
           self.records[module] = dict(
               path=module, kind="norm", inputs=tuple(sorted(a.flow)),
               aligned=a.axis is not None, in_channel_map=None,
@@ -634,7 +658,9 @@ def _analyze(model, hw: tuple[int, int], channels: int) -> ModelStructure:
   layers = {p: LayerInfo(**r) for p, r in recs.items()}
   return ModelStructure(layers=layers, blocks=tuple(blocks), spaces=spaces,
                         outputs=out_flow, mixed=frozenset(walker.mixed),
-                        input_shape=hw + (channels,))
+                        input_shape=hw + (channels,),
+                        mixed_by=dict(walker.mixed_by),
+                        activation_macs=walker.activation_macs)
 
 
 def analyze(model, image_size: int | Sequence[int] = 32,

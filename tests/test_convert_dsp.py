@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import models
-from convert import cli, dsp, dsp_torch, jax_side, packing, tables
+from convert import cli, dsp, dsp_torch, fast, jax_side, packing, tables
 
 
 def masked_resnet(name: str, groups: int, seed: int,
@@ -77,8 +77,9 @@ def test_program_and_state_dict_and_empty_block(tmp_path):
   model, v = masked_resnet("cifar_resnet8", 2, seed=7,
                            empty_block="stage_2.0")
   r = dsp.export_packed(model, v, tmp_path, program=True)
-  assert set(r.files) == {dsp.PACKED, dsp.PROGRAM, dsp.STATE_DICT,
-                          dsp.REFERENCE_IO}
+  assert set(r.files) >= {dsp.PACKED, dsp.PROGRAM, dsp.STATE_DICT,
+                          dsp.REFERENCE_IO, fast.FAST, fast.FAST_PROGRAM,
+                          fast.FAST_PLAN}
   assert r.branches["stage_2.0"] == (0, 0)
   io = np.load(tmp_path / dsp.REFERENCE_IO)
   prog = torch.export.load(str(tmp_path / dsp.PROGRAM)).module()

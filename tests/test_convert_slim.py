@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import models
-from convert import cli, dsp, jax_side, slim
+from convert import cli, dsp, fast, jax_side, slim
 from convert.torch_zoo import SlimBlock, SlimLayerNorm
 from ddrop_jax import pruning, selection
 from ddrop_jax.config import DdropConfig
@@ -96,7 +96,7 @@ def test_vgg_tiny_export_and_layernorm_constants(tmp_path):
   v = ddrop_pruned(model)
   r = slim.export_ddrop(model, v, tmp_path, num_images=3)
   assert set(r.max_abs_diff) == {"module", slim.TORCHSCRIPT, slim.PROGRAM,
-                                 slim.STATE_DICT}
+                                 slim.STATE_DICT, fast.FAST, fast.FAST_PROGRAM}
   x = np.load(r.files[slim.REFERENCE_IO])["images"]
   want = jax_side.logits(model, v, x)
   for m in (torch.jit.load(str(r.files[slim.TORCHSCRIPT])),

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import ddrop_jax as dd
+from ddrop_jax import probs
 import models
 from training.mesh import make_mesh
 from training.state import TrainState
@@ -196,14 +197,16 @@ def test_step_hooks_build_the_ddrop_collection_from_params_and_step():
   stats = dd.init_stats(layers)
   extra, rngs = dd.ddrop_collections(variables["params"], stats, 2,
                                      jax.random.key(5), layers, cfg)
-  want = dd.keep_probabilities(variables["params"], stats, 2, cfg, layers)
+  # Every activation statistic is still zero: the step's key orders the ties.
+  want = dd.keep_probabilities(variables["params"], stats, 2, cfg, layers,
+                               probs.tie_key(jax.random.key(5), 2))
   for a, b in zip(jax.tree.leaves(extra["ddrop"]), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
   assert extra["ddrop_stats"] is stats
   assert np.array_equal(jax.random.key_data(rngs["ddrop"]), jax.random.key_data(
       jax.random.fold_in(jax.random.key(5), 2)))
-  state = types.SimpleNamespace(step=jnp.asarray(2), extra={"ddrop_stats":
-                                                              stats})
+  state = types.SimpleNamespace(step=jnp.asarray(2), rng=jax.random.key(5),
+                                extra={"ddrop_stats": stats})
   hook_vars, mutable = dd.ddrop_variables_fn(layers, cfg)(
       state, variables["params"])
   assert mutable == ["ddrop_stats"] and set(hook_vars) == {"ddrop",

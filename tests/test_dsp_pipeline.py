@@ -81,7 +81,8 @@ def test_report_fields(full_run):
   assert all(len(r["groups"]) == 2 for r in report["structure"])
   assert [c["cycle"] for c in report["cycles"]] == [1, 2]
   assert set(report["export"]["files"]) == {
-      "packed.pt", "packed.pt2", "dense_state_dict.pt", "reference_io.npz"}
+      "packed.pt", "packed.pt2", "dense_state_dict.pt", "reference_io.npz",
+      "preprocess.json", "fast.pt", "fast.pt2", "fast_plan.json"}
 
 
 def test_packed_torchscript_matches_pruned_model(full_run):

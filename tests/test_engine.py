@@ -261,7 +261,7 @@ def test_report_merges_saves_and_summarises(tmp_path):
   text = again.summary()
   assert "group" in text and "50.00" in text and "75.00" in text
   assert "pruning" in text
-  w = MetricsWriter(tmp_path, tensorboard=False)
+  w = MetricsWriter(tmp_path)
   for step in (1, 2, 3):
     w.write("s", step, "train", {"loss": jnp.float32(step)})
   w.truncate("s", 1)

@@ -13,6 +13,10 @@ and any loop bookkeeping, so a restarted run continues bit-identically.
 A directory holding checkpoints of another run (different meta), or whose
 meta or checkpoints cannot be read, raises ``CheckpointError`` and is never
 written to.
+
+In a multi-process job every process saves and restores (orbax writes each
+process's part of the global state and commits on process 0); only process
+0 writes ``meta.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from training import mesh as mesh_lib
 from training.state import TrainState
 
 META_FILE = "meta.json"
@@ -65,7 +70,10 @@ class StageCheckpointer:
     self.directory = pathlib.Path(directory).absolute()
     self.meta = json.loads(json.dumps(meta))
     meta_path = self.directory / META_FILE
-    if self.directory.exists() and any(self.directory.iterdir()):
+    existing = self.directory.exists() and any(self.directory.iterdir())
+    # Every process inspects the directory before process 0 writes to it.
+    mesh_lib.sync(f"checkpoint-inspect:{self.directory}")
+    if existing:
       if not meta_path.exists():
         raise CheckpointError(
             f"{self.directory} is not empty and has no {META_FILE}: it does "
@@ -84,10 +92,16 @@ class StageCheckpointer:
         raise CheckpointError(
             f"checkpoints in {self.directory} belong to another run ({details})"
             "; use another workdir or the same configuration")
-    else:
+    elif mesh_lib.is_primary():
       self.directory.mkdir(parents=True, exist_ok=True)
       _write_json_atomic(meta_path, self.meta)
-    opts = dict(create=True, cleanup_tmp_directories=True)
+    mesh_lib.sync(f"checkpoint-meta:{self.directory}")
+    # Several processes: synchronous saves. The two managers' asynchronous
+    # commits each end in a cross-process barrier from a background thread,
+    # and those can interleave differently on each process (a barrier then
+    # waits for one the other process never enters).
+    opts = dict(create=True, cleanup_tmp_directories=True,
+                enable_async_checkpointing=jax.process_count() == 1)
     self._steps = ocp.CheckpointManager(
         self.directory / "steps",
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))

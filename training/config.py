@@ -73,7 +73,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "dsp": ("pretrain", "group", "prune_finetune", "pack"),
     "ddrop": ("before", "ddrop", "prune", "finetune", "pack"),
 }
-DATASETS = ("digits", "cifar10", "cifar100")
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet2012")
+IMAGEFOLDER_PREFIX = "imagefolder:"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "dsp_step", "cosine_epoch", "onecycle",
              "warmup_cosine")
@@ -84,7 +85,9 @@ DTYPES = ("float32", "bfloat16")
 # left out of the config hash so that, e.g., a resumed run may log more often.
 RUNTIME_FIELDS = ("workdir", "stages", "checkpoint_every_steps",
                   "keep_checkpoints", "log_every_steps", "eval_every_epochs",
-                  "progress_bar", "worker_count", "max_steps", "multihost")
+                  "progress_bar", "worker_count", "max_steps", "multihost",
+                  "coordinator_address", "num_processes", "process_id",
+                  "distributed_timeout")
 
 
 class ConfigError(ValueError):
@@ -126,7 +129,11 @@ def _model_name(name: str) -> str | None:
 def _dataset(name: str) -> str | None:
   if name in DATASETS or (name.startswith("tfds:") and len(name) > 5):
     return None
-  return f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, tfds:<name>"
+  if name.startswith(IMAGEFOLDER_PREFIX) and len(name) > len(
+      IMAGEFOLDER_PREFIX):
+    return None
+  return (f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, "
+          f"tfds:<name>, {IMAGEFOLDER_PREFIX}<path>")
 
 
 def _stages(value: str) -> str | None:
@@ -143,6 +150,13 @@ def _below_one(value: float) -> str | None:
   # Pruning every unit of a layer would cut the network.
   if value >= 1.0:
     return f"{value!r} is out of the valid range [0, 1) (needs < 1)"
+  return None
+
+
+def _index_list(value: str) -> str | None:
+  parts = [v.strip() for v in value.split(",")] if value.strip() else []
+  if not all(p.isdigit() for p in parts):
+    return f"needs comma-separated non-negative integers, got {value!r}"
   return None
 
 
@@ -163,7 +177,10 @@ SCHEMA: dict[str, Any] = {
     "seed": F(42, "Random seed (init, data order, augmentation).", min=0),
     # Data.
     "dataset": F("digits", "Dataset name: digits, cifar10, cifar100, or "
-                 "tfds:<name> (an array_record tfds dataset in data_dir).",
+                 "tfds:<name> (an array_record tfds dataset in data_dir); "
+                 "encoded images: imagenet2012 (tfds's, prepared in "
+                 "array_record in data_dir) or imagefolder:<path> (a "
+                 "<path>/train|val/<class>/*.JPEG tree).",
                  check=_dataset),
     "data_dir": F("", "Dataset root directory ('' = the data module's "
                   "default location)."),
@@ -175,6 +192,30 @@ SCHEMA: dict[str, Any] = {
                    ("test", "validation")),
     "worker_count": F(0, "Data loader worker processes (0 = in process).",
                       min=0),
+    # Encoded-image datasets (imagenet2012, imagefolder:): host transforms.
+    "image_size": F(224, "Encoded images: training RandomResizedCrop size, "
+                    "evaluation center-crop size, model input size.", min=8),
+    "eval_resize": F(256, "Encoded images: shorter side before the "
+                     "evaluation center crop (>= image_size).", min=8),
+    "randaugment_ops": F(2, "Encoded images: RandAugment ops per training "
+                         "image (0 = off).", min=0),
+    "randaugment_magnitude": F(9, "Encoded images: RandAugment magnitude "
+                               "bin (of 31).", min=0, max=30),
+    "strict_images": F(False, "imagefolder: an undecodable image fails "
+                       "preparation (else it is skipped and counted)."),
+    # Training targets.
+    "label_smoothing": F(0.0, "Label smoothing of the training targets "
+                         "(0 = off).", min=0.0, max=1.0, check=_below_one),
+    "mix": {
+        "prob": F(0.0, "Probability that a training batch is mixed (CutMix "
+                  "or MixUp, on device); 0 = off.", min=0.0, max=1.0),
+        "cutmix_prob": F(0.4, "Probability that a mixed batch uses CutMix "
+                         "(else MixUp).", min=0.0, max=1.0),
+        "cutmix_alpha": F(1.0, "CutMix: Beta(alpha, alpha) of the kept area.",
+                          min=1e-6),
+        "mixup_alpha": F(0.2, "MixUp: Beta(alpha, alpha) of the mixing "
+                         "weight.", min=1e-6),
+    },
     # Model.
     "model": F("cifar_resnet20", "Registry name (models.list_models()).",
                check=_model_name),
@@ -182,6 +223,12 @@ SCHEMA: dict[str, Any] = {
                       "ResNets (stages 8f..64f); 0 = the reference's rule: 2 "
                       "for cifar100, 1 otherwise.", min=0),
     "dtype": F("float32", "Compute dtype of the inputs/activations.", DTYPES),
+    "init_from": F("", "Pretrained start of every pipeline (local, never "
+                   "downloaded): a torchvision state dict (ResNet, VGG-bn, "
+                   "ViT, Swin), a timm ViT/Swin state dict, a reference "
+                   ".pkl, a `python -m convert import` directory or a run's "
+                   "stage directory; a head of another class count is "
+                   "replaced ('' = none; DSP: same as dsp.init_from)."),
     # Plain training recipe (method='train').
     "epochs": F(164, "Training epochs of method='train'.", min=1),
     "max_steps": F(0, "Stop each stage after this many steps (0 = no cap; for "
@@ -224,9 +271,20 @@ SCHEMA: dict[str, Any] = {
     "log_every_steps": F(50, "Write training metrics every N steps.", min=1),
     "eval_every_epochs": F(1, "Evaluate every N epochs (and at the end).",
                            min=1),
-    "progress_bar": F(True, "Show a tqdm progress bar per stage."),
-    "multihost": F(False, "Call jax.distributed.initialize() (multi-host "
-                   "runs only)."),
+    "progress_bar": F(True, "Show progress per stage: a tqdm bar on a "
+                      "terminal, one line per epoch otherwise."),
+    # Multi-process jobs (training/mesh.py: initialize_distributed).
+    "multihost": F(False, "Join a multi-process job, detecting the cluster "
+                   "(TPU pod slice, SLURM, Open MPI); the three fields below "
+                   "(or their JAX_* variables) join one without it."),
+    "coordinator_address": F("", "host:port of process 0's coordinator ('' = "
+                             "$JAX_COORDINATOR_ADDRESS, else detected)."),
+    "num_processes": F(0, "Processes in the job (0 = $JAX_NUM_PROCESSES, else "
+                       "detected).", min=0),
+    "process_id": F(-1, "This process's index in [0, num_processes) (-1 = "
+                    "$JAX_PROCESS_ID, else detected).", min=-1),
+    "distributed_timeout": F(300, "Seconds to wait for every process to join "
+                             "(and to detect a lost one).", min=1),
     # DSP (specs/dsp.md).
     "dsp": {
         "groups": F(4, "G: groups per taking-part conv (-g).", min=1),
@@ -257,8 +315,13 @@ SCHEMA: dict[str, Any] = {
                          min=0.0),
         "finetune_wd": F(1e-3, "Fine-tuning weight decay (coupled).",
                          min=0.0),
-        "fp_every": F(2, "n: a taking-part conv is an fp layer when "
-                      "(index+1) % n == 0 (2 for CIFAR ResNets).", min=1),
+        "fp_every": F(0, "n: a taking-part conv is an fp layer when "
+                      "(index+1) % n == 0; 0 = derived from the structure "
+                      "(the last conv of every residual block, every conv "
+                      "without residual sums).", min=0),
+        "fp_layers": F("", "Explicit fp layer indices among the taking-part "
+                       "convs, comma-separated (override fp_every); "
+                       "'' = none given.", check=_index_list),
         "second_order": F("parity", "Look-ahead group gradient: the "
                           "reference's formula or the exact jvp.",
                           ("parity", "exact")),
@@ -281,7 +344,10 @@ SCHEMA: dict[str, Any] = {
                 min=0.0),
         "weight_decay": F(1e-4, "Weight decay on `weight` parameters "
                           "(--weight-decay).", min=0.0),
-        "momentum": F(0.9, "SGD (max) momentum.", min=0.0, max=1.0),
+        "momentum": F(0.95, "SGD max momentum: the one-cycle schedule "
+                      "cycles it to optim.base_momentum (0.85) and back, as "
+                      "the original's OneCycleLR (overriding its SGD's 0.9).",
+                      min=0.0, max=1.0),
         "optimizer": F("auto", "'auto': SGD + one-cycle for CNNs, AdamW + "
                        "warm-up cosine for transformers.",
                        ("auto", "sgd", "adamw")),
@@ -409,6 +475,9 @@ def validate(config: Mapping[str, Any]) -> None:
       if bad:
         errors.append(f"stages: {bad} are not stages of method {method!r}; "
                       f"valid: all, {', '.join(STAGES[method])}")
+    if config["eval_resize"] < config["image_size"]:
+      errors.append(f"eval_resize: {config['eval_resize']} is smaller than "
+                    f"image_size={config['image_size']} (the center crop)")
     if (config["select_on"] == "validation" and config["dataset"] != "digits"
         and config["validation_from_train"] == 0):
       errors.append("select_on: 'validation' needs validation_from_train > 0 "

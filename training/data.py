@@ -14,6 +14,17 @@ Names accepted by every function (``DATASETS``):
   elsewhere with ``tfds build cifar10 --file_format=array_record``); it is
   read, never prepared here. Its supervised keys (or ``image``/``label``)
   give the image and label.
+* ``"imagenet2012"``: tfds's stock ImageNet already prepared in
+  ``array_record`` under ``data_dir``, read as it is; splits
+  ``train``/``validation``.
+* ``"imagefolder:PATH"``: a ``PATH/train/<class>/*.JPEG`` +
+  ``PATH/val/<class>/*.JPEG`` tree, prepared once into ``data_dir``; splits
+  ``train``/``validation`` (``training.datasets.imagefolder``).
+
+The last two are *encoded* datasets (``DatasetInfo.encoded``): records hold
+JPEG bytes of any size, and the loaders take host transforms
+(``training.transforms``: decode, crop, resize, augment) that turn them into
+fixed-size uint8 images.
 
 Which data ``"cifar10"``/``"cifar100"`` read (first rule that applies):
 1. the project's dataset (``dsp_ddrop_cifar10``/``dsp_ddrop_cifar100``)
@@ -43,10 +54,13 @@ Records are ``{"image": uint8 [H, W, C], "label": int}``; batches are
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
+import io
 import math
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
 import grain
@@ -77,7 +91,8 @@ _STATS = {
     "cifar100": (CIFAR_MEAN, CIFAR_STD),
 }
 TFDS_PREFIX = "tfds:"
-DATASETS = tuple(_BUILDERS) + (TFDS_PREFIX + "<name>",)
+DATASETS = tuple(_BUILDERS) + (TFDS_PREFIX + "<name>", datasets.IMAGENET2012,
+                                datasets.IMAGEFOLDER_PREFIX + "<path>")
 HOLDOUT_SPLIT = "holdout"
 # Fixed permutation seed of the train/holdout carve (validation_from_train).
 _HOLDOUT_SEED = 0
@@ -101,6 +116,11 @@ class DatasetInfo:
     std: per-channel standard deviation on the 0..1 scale.
     hflip: whether a horizontal flip keeps the label (training augmentation
       flips only then; a mirrored digit is a different glyph).
+    encoded: records hold encoded images of any size; the host transforms
+      of ``training.transforms`` decode, crop and augment them (to
+      ``image_size``), and the device step only normalises.
+    eval_split: the split reported as ``test`` (``validation`` for the
+      ImageNet datasets, whose test labels are not public).
   """
   name: str
   num_classes: int
@@ -110,6 +130,8 @@ class DatasetInfo:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   hflip: bool = True
+  encoded: bool = False
+  eval_split: str = "test"
 
 
 # Datasets whose labels a horizontal flip would change.
@@ -128,11 +150,15 @@ def _archive_dirs(data_dir: str, manual_dir: str | None) -> list[str]:
 
 
 def _builder(name: str, data_dir: str | None,
-             manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
+             manual_dir: str | None = None,
+             strict: bool = False) -> tfds.core.DatasetBuilder:
   """Resolves ``name`` to a tfds builder (rules: module docstring)."""
   data_dir = os.path.expanduser(data_dir or default_data_dir())
   if name.startswith(TFDS_PREFIX):
     return tfds.builder(name[len(TFDS_PREFIX):], data_dir=data_dir)
+  if name == datasets.IMAGENET2012 or name.startswith(
+      datasets.IMAGEFOLDER_PREFIX):
+    return _encoded_builder(name, data_dir, strict)
   if name not in _BUILDERS:
     raise ValueError(f"Unknown dataset {name!r}; valid: {list(DATASETS)}.")
   archive_dirs = _archive_dirs(data_dir, manual_dir)
@@ -149,6 +175,33 @@ def _builder(name: str, data_dir: str | None,
   return own
 
 
+def _encoded_builder(name: str, data_dir: str, strict: bool
+                     ) -> tfds.core.DatasetBuilder:
+  """The builder of ``imagenet2012`` or ``imagefolder:PATH``."""
+  if name == datasets.IMAGENET2012:
+    found = datasets.imagenet2012_dir(data_dir)
+    if found is None:
+      raise FileNotFoundError(
+          f"imagenet2012 is not prepared under {data_dir} (expected "
+          f"{data_dir}/imagenet2012/<version>/dataset_info.json in "
+          "array_record). Prepare it once elsewhere with `tfds build "
+          "imagenet2012 --file_format=array_record` from the manual "
+          "download, or use dataset 'imagefolder:PATH' for a "
+          "PATH/train/<class>/*.JPEG tree.")
+    return tfds.builder_from_directory(str(found))
+  root = name[len(datasets.IMAGEFOLDER_PREFIX):]
+  if not root:
+    raise ValueError("dataset 'imagefolder:' needs a path: imagefolder:PATH")
+  return datasets.ImageFolder(root=root, strict=strict, data_dir=data_dir,
+                              file_format="array_record")
+
+
+def is_encoded(name: str) -> bool:
+  """Whether dataset ``name`` holds encoded images (module docstring)."""
+  return name == datasets.IMAGENET2012 or name.startswith(
+      datasets.IMAGEFOLDER_PREFIX)
+
+
 def _prepared(builder: tfds.core.DatasetBuilder) -> bool:
   # Checked first: tfds logs a warning for every absent variant folder.
   return ((builder.data_path / "dataset_info.json").exists()
@@ -160,20 +213,23 @@ def _is_array_record(builder: tfds.core.DatasetBuilder) -> bool:
 
 
 def prepare(name: str, data_dir: str | None = None, *,
-            manual_dir: str | None = None) -> None:
+            manual_dir: str | None = None, strict: bool = False) -> None:
   """Prepares ``name`` under ``data_dir`` unless it is already prepared.
 
   Args:
     name: one of ``DATASETS``.
     data_dir: tfds data dir; defaults to ``default_data_dir()``.
     manual_dir: extra folder searched first for the CIFAR archives.
+    strict: ``imagefolder:``: an undecodable image fails preparation
+      (``CorruptImageError`` naming the file) instead of being skipped and
+      counted.
 
   Raises:
     FileNotFoundError: a CIFAR archive is missing (the message names the
       files and folders), or a ``tfds:`` dataset is not prepared.
     ValueError: unknown name, or a ``tfds:`` dataset not in array_record.
   """
-  builder = _builder(name, data_dir, manual_dir)
+  builder = _builder(name, data_dir, manual_dir, strict)
   if _prepared(builder):
     if not _is_array_record(builder):
       raise ValueError(
@@ -188,8 +244,25 @@ def prepare(name: str, data_dir: str | None = None, *,
         "other than the built-in ones are read, not prepared, here: build it "
         f"with `tfds build {builder.name} --file_format=array_record "
         f"--data_dir={data_dir or default_data_dir()}` first.")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False))
+  if name in datasets.CIFAR_ARCHIVES:
+    # Checked before tfds starts: it would announce a download and leave an
+    # empty dataset folder behind.
+    dirs = _archive_dirs(os.path.expanduser(data_dir or default_data_dir()),
+                         manual_dir)
+    if datasets.find_archive(name, dirs) is None:
+      raise FileNotFoundError(datasets.missing_archive_message(name, dirs)
+                              + " Or set data_dir to the folder holding it.")
+  # tfds announces "Downloading and preparing dataset ..."; nothing is
+  # downloaded here, so say what happens instead.
+  print(f"preparing {name} once in {builder.data_dir} (from local files; "
+        "nothing is downloaded)", flush=True)
+  tfds.disable_progress_bar()  # Its nested bars garble logs.
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  finally:
+    tfds.enable_progress_bar()
 
 
 def _label_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
@@ -215,21 +288,24 @@ class Source:
   """A grain random-access source of ``{"image", "label"}`` records.
 
   Wraps a tfds array_record data source, optionally restricted to a sorted
-  subset of its indices (the train/holdout carve).
+  subset of its indices (the train/holdout carve). With ``encoded`` the
+  image stays the record's encoded bytes.
   """
 
   def __init__(self, records: Any, image_key: str, label_key: str,
-               indices: np.ndarray | None = None):
+               indices: np.ndarray | None = None, encoded: bool = False):
     self._records = records
     self._image_key = image_key
     self._label_key = label_key
     self._indices = indices
+    self._encoded = encoded
 
   def __len__(self) -> int:
     return len(self._records) if self._indices is None else len(self._indices)
 
   def _convert(self, record: dict[str, Any]) -> dict[str, Any]:
-    return {"image": np.asarray(record[self._image_key], np.uint8),
+    image = record[self._image_key]
+    return {"image": image if self._encoded else np.asarray(image, np.uint8),
             "label": int(record[self._label_key])}
 
   def _map(self, index: int) -> int:
@@ -310,12 +386,19 @@ def source(name: str, split: str, data_dir: str | None = None, *,
                      + ("" if validation_from_train else
                         f" ({HOLDOUT_SPLIT!r} needs validation_from_train>0)"))
   stored = "train" if split == HOLDOUT_SPLIT else split
-  records = builder.as_data_source(split=stored)
+  encoded = is_encoded(name)
+  image_key, label_key = _label_keys(builder)
+  records = builder.as_data_source(split=stored, decoders={
+      image_key: tfds.decode.SkipDecoding()} if encoded else None)
   indices = None
   if validation_from_train and stored == "train":
     train_idx, holdout_idx = _carve(len(records), validation_from_train)
     indices = holdout_idx if split == HOLDOUT_SPLIT else train_idx
-  src = Source(records, *_label_keys(builder), indices=indices)
+  src = Source(records, image_key, label_key, indices=indices,
+               encoded=encoded)
+  if in_memory and encoded:
+    raise ValueError(f"in_memory=True is for small decoded datasets; {name!r}"
+                     " holds encoded images (use worker_count instead).")
   return ArraySource.read(src) if in_memory else src
 
 
@@ -330,7 +413,8 @@ def _compute_stats(src: Source | ArraySource
 
 def get_info(name: str, data_dir: str | None = None, *,
              validation_from_train: int = 0,
-             manual_dir: str | None = None) -> DatasetInfo:
+             manual_dir: str | None = None,
+             image_size: int = 224) -> DatasetInfo:
   """Describes a dataset (without preparing the built-in ones).
 
   Split sizes come from the prepared data when it exists, else from the
@@ -344,10 +428,14 @@ def get_info(name: str, data_dir: str | None = None, *,
     validation_from_train: as in ``source``; moves N examples from
       ``train`` to ``holdout`` in ``splits``.
     manual_dir: extra folder searched first for the CIFAR archives.
+    image_size: encoded datasets: the size the host transforms produce
+      (their ``image_size``; the others report their stored size).
 
   Returns:
     The ``DatasetInfo``.
   """
+  if is_encoded(name):
+    return _encoded_info(name, data_dir, image_size, validation_from_train)
   builder = _builder(name, data_dir, manual_dir)
   if not _prepared(builder) and name not in _NOMINAL_SPLITS:
     prepare(name, data_dir, manual_dir=manual_dir)  # Raises: not prepared.
@@ -372,6 +460,27 @@ def get_info(name: str, data_dir: str | None = None, *,
       name=name, num_classes=builder.info.features[label_key].num_classes,
       image_size=shape[0], channels=shape[2], splits=splits,
       mean=tuple(mean), std=tuple(std), hflip=name not in _NO_HFLIP)
+
+
+def _encoded_info(name: str, data_dir: str | None, image_size: int,
+                  validation_from_train: int) -> DatasetInfo:
+  """``get_info`` of an encoded dataset (prepared first if needed)."""
+  prepare(name, data_dir)
+  builder = _builder(name, data_dir)
+  splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+  missing = [s for s in ("train", "validation") if s not in splits]
+  if missing:
+    raise ValueError(f"{name!r} at {builder.data_dir} has splits "
+                     f"{sorted(splits)}; expected train and validation.")
+  if validation_from_train:
+    train_idx, holdout_idx = _carve(splits["train"], validation_from_train)
+    splits["train"], splits[HOLDOUT_SPLIT] = len(train_idx), len(holdout_idx)
+  _, label_key = _label_keys(builder)
+  return DatasetInfo(
+      name=name, num_classes=builder.info.features[label_key].num_classes,
+      image_size=image_size, channels=3, splits=splits,
+      mean=datasets.IMAGENET_MEAN, std=datasets.IMAGENET_STD, hflip=True,
+      encoded=True, eval_split="validation")
 
 
 def _process_layout(process_index: int | None,
@@ -416,7 +525,11 @@ def train_loader(name: str, split: str, data_dir: str | None = None, *,
                  worker_buffer_size: int = 1,
                  read_options: grain.ReadOptions | None = None,
                  in_memory: bool = False,
-                 manual_dir: str | None = None) -> grain.DataLoader:
+                 manual_dir: str | None = None,
+                 global_order: bool = False,
+                 transforms: Sequence[grain.transforms.Map
+                                      | grain.transforms.RandomMap] = ()
+                 ) -> grain.DataLoader:
   """A checkpointable grain loader of shuffled training batches.
 
   Each process reads a disjoint shard of ``len(split) // process_count``
@@ -431,6 +544,13 @@ def train_loader(name: str, split: str, data_dir: str | None = None, *,
   example; the state is only valid for the same arguments (with
   ``worker_count`` > 0 each worker batches its own slice of the stream, so
   the order depends on ``worker_count``).
+
+  With ``global_order=True`` every process instead draws the same shuffled
+  stream of the whole split in global batches of ``global_batch_size`` and
+  reads only the ``process_index``-th block of ``global_batch_size //
+  process_count`` examples of each: the global batches (and so a run's
+  results) are the same for any process count, the number of batches is the
+  same as above, and the iterator state is the same on every process.
 
   Args:
     name: one of ``DATASETS``.
@@ -452,6 +572,13 @@ def train_loader(name: str, split: str, data_dir: str | None = None, *,
       threads only add overhead; use ``worker_count`` to scale).
     in_memory: see ``source``.
     manual_dir: extra folder searched first for the CIFAR archives.
+    global_order: one order for every process count (see above).
+    transforms: per-record grain ops applied before batching, in the
+      workers (encoded datasets: ``training.transforms.TrainTransform``,
+      required there). A ``RandomMap`` draws from a generator fixed by
+      ``seed`` and the record's position in the stream (with
+      ``global_order``: its position in the global batch, whatever the
+      process count), so a restored iterator repeats the same draws.
 
   Returns:
     A ``grain.DataLoader`` yielding ``{"image": uint8 [b, H, W, C],
@@ -460,6 +587,14 @@ def train_loader(name: str, split: str, data_dir: str | None = None, *,
   src = source(name, split, data_dir,
                validation_from_train=validation_from_train,
                manual_dir=manual_dir, in_memory=in_memory)
+  if is_encoded(name) and not transforms:
+    raise ValueError(f"{name!r} holds encoded images of any size: pass "
+                     "transforms (training.transforms.TrainTransform).")
+  if global_order:
+    return _global_order_loader(
+        src, global_batch_size, seed, num_epochs, shuffle,
+        _process_layout(process_index, process_count), worker_count,
+        worker_buffer_size, read_options, transforms)
   if process_index is None and process_count is None:
     shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
   else:
@@ -488,7 +623,8 @@ def train_loader(name: str, split: str, data_dir: str | None = None, *,
                   _Gather(src)]
     src = grain.sources.RangeDataSource(0, len(src), 1)
   else:
-    operations = [grain.transforms.Batch(local, drop_remainder=True,
+    operations = [*transforms,
+                  grain.transforms.Batch(local, drop_remainder=True,
                                          batch_fn=stack_records)]
   return grain.DataLoader(
       data_source=src, sampler=sampler, operations=operations,
@@ -509,6 +645,81 @@ class _Gather(grain.transforms.Map):
             "label": self._arrays.labels[indices]}
 
 
+class _ReadPart(grain.transforms.Map):
+  """Maps a global batch of indices to the examples of one block of it."""
+
+  def __init__(self, src: Source | ArraySource, start: int, size: int):
+    self._src = src
+    self._part = slice(start, start + size)
+
+  def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    indices = np.asarray(indices)[self._part]
+    if isinstance(self._src, ArraySource):
+      return _Gather(self._src).map(indices)
+    return stack_records(self._src.__getitems__(indices))
+
+
+class _TransformPart(grain.transforms.RandomMap):
+  """``_ReadPart`` with per-record transforms.
+
+  The batch's generator draws one seed per example of the whole global
+  batch; each record of this process's block is transformed with a
+  generator from its own seed, so the draws do not depend on the process
+  count.
+  """
+
+  def __init__(self, src: Source, start: int, size: int,
+               transforms: Sequence[Any]):
+    self._src = src
+    self._part = slice(start, start + size)
+    self._transforms = tuple(transforms)
+
+  def random_map(self, indices: np.ndarray,
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    indices = np.asarray(indices)
+    seeds = rng.integers(0, 2**63 - 1, size=len(indices))[self._part]
+    out = []
+    for record, s in zip(self._src.__getitems__(indices[self._part]), seeds):
+      record_rng = np.random.default_rng(int(s))
+      for t in self._transforms:
+        record = (t.random_map(record, record_rng)
+                  if isinstance(t, grain.transforms.RandomMap)
+                  else t.map(record))
+      out.append(record)
+    return stack_records(out)
+
+
+def _global_order_loader(src: Source | ArraySource, global_batch_size: int,
+                         seed: int, num_epochs: int | None, shuffle: bool,
+                         layout: tuple[int, int], worker_count: int,
+                         worker_buffer_size: int,
+                         read_options: grain.ReadOptions | None,
+                         transforms: Sequence[Any] = ()
+                         ) -> grain.DataLoader:
+  """``train_loader(global_order=True)``: one stream, a block per process."""
+  process_index, process_count = layout
+  local = _local_batch(global_batch_size, process_count, "global_batch_size")
+  if len(src) < global_batch_size:
+    raise ValueError(f"{len(src)} training examples are too few for a global "
+                     f"batch of {global_batch_size}.")
+  if worker_count > 0 and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # As in train_loader.
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(src), shard_options=grain.sharding.NoSharding(),
+      shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+  return grain.DataLoader(
+      data_source=grain.sources.RangeDataSource(0, len(src), 1),
+      sampler=sampler,
+      operations=[grain.transforms.Batch(global_batch_size,
+                                         drop_remainder=True),
+                  _ReadPart(src, process_index * local, local) if not
+                  transforms else _TransformPart(
+                      src, process_index * local, local, transforms)],
+      worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+      read_options=read_options or grain.ReadOptions(
+          num_threads=1, prefetch_buffer_size=2 * global_batch_size))
+
+
 def num_eval_batches(num_examples: int, batch_size: int,
                      process_count: int = 1) -> int:
   """Number of batches ``eval_batches`` yields on every process."""
@@ -520,7 +731,9 @@ def eval_batches(name: str, split: str, data_dir: str | None = None, *,
                  batch_size: int, process_index: int | None = None,
                  process_count: int | None = None,
                  validation_from_train: int = 0,
-                 manual_dir: str | None = None
+                 manual_dir: str | None = None,
+                 transform: Callable[[dict[str, Any]], dict[str, Any]]
+                 | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """Every example of a split exactly once, in order, in padded batches.
 
@@ -539,6 +752,9 @@ def eval_batches(name: str, split: str, data_dir: str | None = None, *,
     process_count: number of processes; defaults to ``jax.process_count()``.
     validation_from_train: see ``source``.
     manual_dir: extra folder searched first for the CIFAR archives.
+    transform: deterministic per-record function (encoded datasets:
+      ``training.transforms.EvalTransform``, required there), run on a
+      thread pool (Pillow releases the GIL while decoding and resizing).
 
   Yields:
     ``{"image": uint8 [b, H, W, C], "label": int32 [b], "mask": bool [b]}``
@@ -547,6 +763,11 @@ def eval_batches(name: str, split: str, data_dir: str | None = None, *,
   src = source(name, split, data_dir,
                validation_from_train=validation_from_train,
                manual_dir=manual_dir)
+  if transform is not None:
+    src = MappedSource(src, transform)
+  elif is_encoded(name):
+    raise ValueError(f"{name!r} holds encoded images of any size: pass "
+                     "transform (training.transforms.EvalTransform).")
   process_index, process_count = _process_layout(process_index, process_count)
   local = _local_batch(batch_size, process_count, "batch_size")
   n = len(src)
@@ -555,6 +776,38 @@ def eval_batches(name: str, split: str, data_dir: str | None = None, *,
   stop = min(n, start + per_process)
   return _padded_batches(src, start, stop, local,
                          num_eval_batches(n, batch_size, process_count))
+
+
+class MappedSource:
+  """A source whose records pass through a deterministic function.
+
+  ``__getitems__`` maps the records on a thread pool of ``threads`` threads
+  (default: the CPU count, at most 16).
+  """
+
+  def __init__(self, src: Any, fn: Callable[[dict[str, Any]], dict[str, Any]],
+               threads: int | None = None):
+    self._src = src
+    self._fn = fn
+    self._threads = threads or min(16, os.cpu_count() or 1)
+    self._pool = None
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._fn(self._src[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    records = self._src.__getitems__(indices)
+    if self._threads == 1 or len(records) == 1:
+      return [self._fn(r) for r in records]
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(self._threads)
+    return list(self._pool.map(self._fn, records))
+
+  def __repr__(self) -> str:
+    return f"MappedSource({self._src!r}, {self._fn!r})"
 
 
 def _padded_batches(src: Source | ArraySource, start: int, stop: int,

@@ -32,11 +32,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
-from tqdm import auto as tqdm
 
 from training import checkpoint as ckpt_lib
 from training import config as config_lib
 from training import mesh as mesh_lib
+from training import progress as progress_lib
 from training.report import MetricsWriter
 
 EvalFn = Callable[[Any], dict[str, dict[str, float]]]
@@ -145,14 +145,13 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
     if saved.get("data") is not None:
       iterator.set_state(saved["data"].encode())
     writer.truncate(name, int(state.step) - progress["first_step"])
-    if jax.process_index() == 0:
-      print(f"{name}: resuming from step "
-            f"{int(state.step) - progress['first_step']} "
-            f"({ckpt.directory})", flush=True)
   first = progress["first_step"]
   done = int(state.step) - first
   end = num_steps if not config["max_steps"] else min(num_steps,
                                                       config["max_steps"])
+  if restored is not None and jax.process_index() == 0:
+    print(progress_lib.status_message(name, done, end, ckpt.directory),
+          flush=True)
   select_on = config["select_on"]
 
   def snapshot() -> dict[str, Any]:
@@ -173,9 +172,9 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
       ckpt.save_best(first + step, state, snapshot())
     return evals
 
-  bar = tqdm.tqdm(total=end, initial=done, desc=name, unit="step",
-                  dynamic_ncols=True,
-                  disable=not config["progress_bar"] or jax.process_index())
+  bar = progress_lib.Display(
+      name, end, done, steps_per_epoch,
+      enabled=config["progress_bar"] and jax.process_index() == 0)
   sums: dict[str, float] = {}
   n_logged, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
   seconds0 = progress["seconds"]
@@ -197,22 +196,21 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
         sums[k] = sums.get(k, 0.0) + v
       n_logged += 1
       progress["seconds"] = seconds0 + time.perf_counter() - t_start
-      bar.update(1)
+      bar.step(metrics)
       if done % config["log_every_steps"] == 0 or done == end:
         now = time.perf_counter()
         mean = _mean_metrics(sums, n_logged)
         mean["img_per_s"] = n_logged * batch["label"].shape[0] / (now - t_log)
         mean["epoch"] = done / steps_per_epoch
         writer.write(name, done, "train", mean)
-        bar.set_postfix(loss=f"{mean['loss']:.4f}",
-                        acc=f"{mean.get('accuracy', float('nan')):.3f}",
-                        lr=f"{mean.get('lr', float('nan')):.3g}",
-                        img_s=f"{mean['img_per_s']:.0f}", refresh=False)
+        bar.throughput(mean["img_per_s"])
         sums, n_logged, t_log = {}, 0, now
       epoch_end = done % steps_per_epoch == 0 and (
           (done // steps_per_epoch) % config["eval_every_epochs"] == 0)
       if eval_fn is not None and (epoch_end or done == end):
-        do_eval(done)
+        bar.evaluated(do_eval(done))
+      if done % steps_per_epoch == 0:
+        bar.epoch_end()
       if done % config["checkpoint_every_steps"] == 0 or done == end:
         ckpt.save(first + done, state, snapshot())
     if eval_fn is not None and progress["final"] is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,13 +70,14 @@ def setup(config: Mapping[str, Any], workdir: str | pathlib.Path) -> Env:
     The ``Env``.
   """
   config_lib.validate(config)
-  mesh_lib.maybe_initialize_distributed(config["multihost"])
+  mesh_lib.initialize_distributed(config)
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config["batch_size"], mesh)
   data_dir = config["data_dir"] or None
-  data.prepare(config["dataset"], data_dir)
+  data.prepare(config["dataset"], data_dir, strict=config["strict_images"])
   info = data.get_info(config["dataset"], data_dir,
-                       validation_from_train=config["validation_from_train"])
+                       validation_from_train=config["validation_from_train"],
+                       image_size=config["image_size"])
   spe = data.steps_per_epoch(info.splits["train"], config["batch_size"],
                              jax.process_count())
   if spe < 1:
@@ -100,6 +101,9 @@ def validation_split(config: Mapping[str, Any]) -> str | None:
 def train_data(config: Mapping[str, Any], env: Env, seed_offset: int = 0):
   """The endless, checkpointable training loader of a stage.
 
+  Its global batches are the same for any number of processes (each process
+  reads its slice of them), so a run's results do not depend on it.
+
   Args:
     config: the run config.
     env: the run environment.
@@ -112,7 +116,36 @@ def train_data(config: Mapping[str, Any], env: Env, seed_offset: int = 0):
       config["dataset"], "train", env.data_dir,
       global_batch_size=config["batch_size"], seed=config["seed"] + seed_offset,
       num_epochs=None, worker_count=config["worker_count"],
-      validation_from_train=config["validation_from_train"])
+      validation_from_train=config["validation_from_train"],
+      global_order=True, transforms=host_transforms(config, env.info))
+
+
+def host_transforms(config: Mapping[str, Any], info: data.DatasetInfo
+                    ) -> tuple[Any, ...]:
+  """The training loader's per-record ops (encoded datasets only)."""
+  if not info.encoded:
+    return ()
+  from training import transforms  # Lazily: Pillow work, encoded data only.
+  return (transforms.TrainTransform(
+      config["image_size"], flip=info.hflip,
+      randaugment_ops=config["randaugment_ops"],
+      randaugment_magnitude=config["randaugment_magnitude"]),)
+
+
+def eval_transform(config: Mapping[str, Any], info: data.DatasetInfo
+                   ) -> Any:
+  """The evaluation batches' per-record function (encoded datasets)."""
+  if not info.encoded:
+    return None
+  from training import transforms  # Lazily, as host_transforms.
+  return transforms.EvalTransform(config["image_size"], config["eval_resize"])
+
+
+def step_options(config: Mapping[str, Any]) -> dict[str, Any]:
+  """``make_train_step`` keyword arguments of the training targets."""
+  from training import mix  # Lazily: only steps need it.
+  return {"mix": mix.MixConfig.from_config(config["mix"]),
+          "label_smoothing": config["label_smoothing"]}
 
 
 def make_evaluator(config: Mapping[str, Any], env: Env, model: Any,
@@ -133,7 +166,8 @@ def make_evaluator(config: Mapping[str, Any], env: Env, model: Any,
                                                 dtype=env.dtype)
   batch = config["test_batch_size"]
   batch += -batch % jax.process_count()
-  splits = {"test": "test"}
+  splits = {"test": env.info.eval_split}
+  transform = eval_transform(config, env.info)
   if validation_split(config):
     splits["validation"] = validation_split(config)
 
@@ -143,7 +177,8 @@ def make_evaluator(config: Mapping[str, Any], env: Env, model: Any,
     return {name: steps.evaluate(
         eval_step, state,
         data.eval_batches(config["dataset"], split, env.data_dir,
-                          batch_size=batch, validation_from_train=holdout),
+                          batch_size=batch, validation_from_train=holdout,
+                          transform=transform),
         env.mesh) for name, split in splits.items()}
 
   return eval_fn
@@ -173,7 +208,47 @@ def build_model(config: Mapping[str, Any], num_classes: int,
     raise config_lib.ConfigError(
         f"width_factor: only the CIFAR ResNets cifar_resnet18/34/50 take a "
         f"width factor, not {name!r}; leave it at 0")
+  if data.is_encoded(config["dataset"]):
+    # The host transforms crop every image to image_size.
+    overrides.setdefault("image_size", config["image_size"])
+  if config["method"] == "ddrop" and spec.family in TRANSFORMER_FAMILIES:
+    # DDROP acts on a per-unit scale after every MLP's first Linear.
+    overrides.setdefault("mlp_scale", True)
   return models.create_model(name, num_classes, **overrides)
+
+
+# Registry families of the vision transformers (models.vit, models.swin).
+TRANSFORMER_FAMILIES = ("vit", "swin")
+
+
+def pretrained_start(config: Mapping[str, Any], model: Any, state: Any,
+                     mesh: Any = None) -> Any:
+  """``state`` with ``config.init_from`` loaded (unchanged when '').
+
+  Args:
+    config: the run config.
+    model: the run's Flax module.
+    state: its fresh ``TrainState`` (params, batch_stats).
+    mesh: replicate the result on this mesh (None: leave it as it is).
+
+  Returns:
+    The state with the pretrained params and batch statistics.
+  """
+  source = config["init_from"]
+  if not source:
+    return state
+  from convert import pretrained  # pylint: disable=import-outside-toplevel
+  fresh = {"params": state.params}
+  if state.batch_stats:
+    fresh["batch_stats"] = state.batch_stats
+  v = pretrained.load(source, model, config["model"], fresh,
+                      log=lambda line: print(line, flush=True))
+  state = state.replace(params=jax.tree.map(jnp.asarray, v["params"]),
+                        **({"batch_stats": jax.tree.map(
+                            jnp.asarray, v["batch_stats"])}
+                           if state.batch_stats else {}))
+  print(f"init_from: {config['model']} weights from {source}", flush=True)
+  return mesh_lib.replicate(state, mesh) if mesh is not None else state
 
 
 def model_figures(model: Any, variables: Mapping[str, Any],
@@ -194,14 +269,45 @@ def model_figures(model: Any, variables: Mapping[str, Any],
   return out
 
 
-def finish(env: Env, model: Any, state: Any) -> dict[str, Any]:
-  """Adds model figures, saves report.json and prints the summary table."""
+def finish(env: Env, model: Any, state: Any, summarize: Any = None,
+           shown: Sequence[str] = ()) -> dict[str, Any]:
+  """Adds model figures and plots, saves report.json, prints the summary.
+
+  Args:
+    env: the run environment.
+    model: the Flax module.
+    state: the final state.
+    summarize: ``report dict -> lines`` of the method's figures, or None.
+    shown: report entries those lines cover.
+
+  Returns:
+    The report dict.
+  """
   env.report.merge(model_figures(model, state.variables(),
                                  env.info.image_size))
+  add_plots(env)
   env.report.save()
   if jax.process_index() == 0:
-    print(env.report.summary(), flush=True)
+    lines = summarize(env.report.data) if summarize else ()
+    print(env.report.summary(lines, shown), flush=True)
+  finish_together()
   return env.report.data
+
+
+def finish_together() -> None:
+  """The end of a run: in a multi-process job every process waits here for
+  process 0's last files (plots, exports), so that none reaches JAX's
+  bounded shutdown barrier long before the others."""
+  mesh_lib.sync("run-finished")
+
+
+def add_plots(env: Env) -> None:
+  """Draws the run's plots (``training.plot``) and names them in the report."""
+  if jax.process_index() != 0:
+    return
+  from training import plot  # Imported here: matplotlib is slow to load.
+  env.report.save()  # The plots read report.json.
+  env.report.merge({"plots": plot.plot_run(env.workdir)})
 
 
 def run(config: Mapping[str, Any], workdir: str | pathlib.Path
@@ -223,10 +329,12 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
   state = state_lib.create_train_state(
       model, tx, jax.random.key(config["seed"]),
       (info.image_size, info.image_size, info.channels))
+  state = pretrained_start(config, model, state)
   state = mesh_lib.replicate(state, env.mesh)
   if "train" in config_lib.selected_stages(config):
     step_fn = steps.make_train_step(model, tx, info, env.mesh,
-                                    lr_schedule=lr_fn, dtype=env.dtype)
+                                    lr_schedule=lr_fn, dtype=env.dtype,
+                                    **step_options(config))
     result = loop.run_stage(
         "train", state, step_fn,
         num_steps=config["epochs"] * env.steps_per_epoch,
@@ -236,3 +344,34 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
     env.report.add_stage("train", result.summary(config["select_on"]))
     state = result.state
   return finish(env, model, state)
+
+
+def export_stage(config: Mapping[str, Any], env: Env,
+                 variables: Mapping[str, Any], export_fn: Any
+                 ) -> dict[str, Any]:
+  """The ``pack`` stage's export into ``workdir/export/``, done once.
+
+  A finished run re-run skips the export when ``export/`` already holds one
+  of the same variables; ``config.stages`` naming ``pack`` explicitly
+  re-exports. ``preprocess.json`` is written beside the files.
+
+  Args:
+    config: the run config.
+    env: the run environment.
+    variables: the variables to export.
+    export_fn: ``() -> report entry`` doing the export.
+
+  Returns:
+    The report entry (``files``, ``preprocess``, ...).
+  """
+  from convert import stamp  # Imported here: exports need torch.
+  force = config["stages"] != "all" and "pack" in config_lib.selected_stages(
+      config)
+  out = env.workdir / "export"
+  entry, skipped = stamp.export_once(
+      out, variables, env.info, export_fn, force=force,
+      model=config["model"], image_size=env.info.image_size)
+  if skipped and jax.process_index() == 0:
+    print(f"pack: already done ({out} is up to date with its input); "
+          "skipped. --config.stages=pack re-exports", flush=True)
+  return entry

@@ -1,9 +1,8 @@
-"""Watching a run: metrics.jsonl (+ TensorBoard if available) and report.json.
+"""Watching a run: metrics.jsonl, report.json and its one-screen summary.
 
 ``MetricsWriter`` appends one JSON object per record to
-``workdir/metrics.jsonl`` (``{"stage", "step", "split", ...metrics}``) and,
-when ``tensorboardX`` or ``torch.utils.tensorboard`` is importable, mirrors
-the scalars into TensorBoard event files under ``workdir/tb``.
+``workdir/metrics.jsonl`` (``{"stage", "step", "split", ...metrics}``);
+``python -m training.plot WORKDIR`` draws it (``training/plot.py``).
 
 ``Report`` collects the run summary written to ``workdir/report.json``:
 ``method``, ``model``, ``dataset``, ``stages`` (per stage: ``seconds``,
@@ -19,10 +18,13 @@ import json
 import math
 import os
 import pathlib
+import textwrap
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
+
+from training import progress as progress_lib
 
 
 def _scalar(v: Any) -> Any:
@@ -36,33 +38,18 @@ def _scalar(v: Any) -> Any:
   return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
 
 
-def _tb_writer(logdir: pathlib.Path):
-  """A TensorBoard SummaryWriter, or None when no writer library exists."""
-  for module in ("tensorboardX", "torch.utils.tensorboard"):
-    try:
-      mod = __import__(module, fromlist=["SummaryWriter"])
-      return mod.SummaryWriter(str(logdir))
-    except Exception:  # Not installed, or tensorboard itself is missing.
-      continue
-  return None
-
-
 class MetricsWriter:
   """Appends metrics to ``workdir/metrics.jsonl`` (process 0 only).
 
   Args:
     workdir: the run directory.
-    tensorboard: also write TensorBoard events when a writer is available.
   """
 
-  def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True):
+  def __init__(self, workdir: str | os.PathLike):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self.enabled = jax.process_index() == 0
-    self._tb = None
     if self.enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
-      if tensorboard:
-        self._tb = _tb_writer(self.path.parent / "tb")
 
   def truncate(self, stage: str, after_step: int) -> None:
     """Drops records of ``stage`` past ``after_step`` (before a resume, so the
@@ -98,16 +85,9 @@ class MetricsWriter:
     rec.update({k: _scalar(v) for k, v in metrics.items()})
     with self.path.open("a") as f:
       f.write(json.dumps(rec) + "\n")
-    if self._tb is not None:
-      for k, v in metrics.items():
-        v = _scalar(v)
-        if isinstance(v, (int, float)):
-          self._tb.add_scalar(f"{stage}/{split}/{k}", v, int(step))
-      self._tb.flush()
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+    """Nothing to release (every record is appended and closed at once)."""
 
 
 def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,11 +99,55 @@ def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> dict[str, Any]:
   return dst
 
 
-# Entries the summary table shows in its own format (or not at all).
+# Entries the summary shows in its own format (or not at all).
 _SUMMARY_SKIP = ("method", "model", "dataset", "params", "macs", "stages",
                  "config", "workdir", "dsp_pflops", "dsp_pparams",
                  "macs_dense", "params_dense", "pflops_whole_model",
-                 "pparams_whole_model")
+                 "pparams_whole_model", "export", "exported", "preprocess",
+                 "plots")
+# Widest summary line.
+WIDTH = 120
+
+
+def wrap(text: str, indent: str = "  ") -> list[str]:
+  """``text`` as lines of at most ``WIDTH`` characters (breaking at spaces).
+
+  Args:
+    text: one logical line.
+    indent: prefix of the continuation lines.
+
+  Returns:
+    The lines.
+  """
+  return textwrap.wrap(text, WIDTH, subsequent_indent=indent,
+                       break_on_hyphens=False) or [""]
+
+
+def _pct(a: Any) -> str:
+  """A 0..1 accuracy as a percentage, ``-`` when missing."""
+  if a is None or (isinstance(a, float) and math.isnan(a)):
+    return "-"
+  return f"{100 * a:.2f} %"
+
+
+def _millions(n: Any) -> str:
+  return f"{n / 1e6:.2f} M" if isinstance(n, (int, float)) else "-"
+
+
+def _plain(value: Any) -> str | None:
+  """A short text of a scalar or a flat dict/list of scalars, else None."""
+  scalar = (int, float, str, bool, type(None))
+  if isinstance(value, float):
+    return f"{value:.6g}"
+  if isinstance(value, scalar):
+    return str(value)
+  if isinstance(value, Mapping) and all(isinstance(v, scalar)
+                                        for v in value.values()):
+    return ", ".join(f"{k} {_plain(v)}" for k, v in value.items())
+  if isinstance(value, list) and len(value) <= 8 and all(
+      isinstance(v, scalar) for v in value):
+    return ", ".join(_plain(v) for v in value)
+  return None
 
 
 def _test_accuracy(evals: Mapping[str, Any] | None) -> float | None:
@@ -172,32 +196,93 @@ class Report:
     tmp.write_text(json.dumps(self.data, indent=1, default=_scalar))
     os.replace(tmp, self.path)
 
-  def summary(self) -> str:
-    """A one-screen table of the report."""
+  def summary(self, method_lines: Sequence[str] = (),
+              shown: Sequence[str] = ()) -> str:
+    """The run on one screen (no line longer than ``WIDTH``).
+
+    Stages (steps, time, final and best accuracy), the model's size, the
+    method's own lines, which model was exported and why, the exported files
+    and how to feed them.
+
+    Args:
+      method_lines: the method's figures (pruning measures, structure).
+      shown: report entries those lines cover (not repeated).
+
+    Returns:
+      The text.
+    """
     d = self.data
-    lines = [f"{d.get('method', '?')} | {d.get('model', '?')} on "
-             f"{d.get('dataset', '?')}"]
-    if "params" in d:
-      macs = d.get("macs")
-      lines.append(f"params {d['params']:,}" + (
-          f" | MACs {macs:,}" if isinstance(macs, (int, float)) else ""))
-    header = (f"{'stage':<12}{'steps':>8}{'seconds':>10}{'final acc':>11}"
-              f"{'best acc':>10}   (test accuracy; best by select_on)")
-    lines += [header, "-" * len(header)]
-    for name, s in d["stages"].items():
-      final = _test_accuracy(s.get("final"))
-      best = _test_accuracy(s.get("best"))
-      fmt = lambda a: "-" if a is None or (isinstance(a, float) and
-                                           math.isnan(a)) else f"{100 * a:.2f}"
-      lines.append(f"{name:<12}{s.get('steps', 0):>8}"
-                   f"{s.get('seconds', 0.0):>10.1f}{fmt(final):>11}"
-                   f"{fmt(best):>10}")
+    workdir = d.get("workdir", self.path.parent)
+    lines = wrap(f"{d.get('method', '?')} | {d.get('model', '?')} on "
+                 f"{d.get('dataset', '?')} | {workdir}")
+    stages = d.get("stages", {})
+    if stages:
+      width = max(12, *(len(n) + 2 for n in stages))
+      select = next((s.get("select_on") for s in stages.values()
+                     if s.get("select_on")), "test")
+      lines.append(f"{'stage':<{width}}{'steps':>7}{'time':>10}"
+                   f"{'final acc':>12}{'best acc':>16}  (test accuracy; "
+                   f"best by {select}, at step)")
+      for name, st in stages.items():
+        best = _pct(_test_accuracy(st.get("best")))
+        if st.get("best_step") is not None and best != "-":
+          best += f" ({st['best_step']})"
+        lines.append(f"{name:<{width}}{st.get('steps', 0):>7}"
+                     f"{progress_lib.clock(st.get('seconds', 0.0)):>10}"
+                     f"{_pct(_test_accuracy(st.get('final'))):>12}"
+                     f"{best:>16}")
+    if isinstance(d.get("params"), (int, float)):
+      size = f"model: params {d['params']:,}"
+      if isinstance(d.get("params_dense"), (int, float)):
+        size += f" of {d['params_dense']:,}"
+      if isinstance(d.get("macs"), (int, float)):
+        size += f" | MACs {_millions(d['macs'])}"
+        if isinstance(d.get("macs_dense"), (int, float)):
+          size += f" of {_millions(d['macs_dense'])}"
+      lines += wrap(size)
     if d.get("dsp_pflops") or d.get("pflops_whole_model"):
-      lines.append(f"pruned FLOPs: {d.get('dsp_pflops', 0.0):.2f}% (DSP "
-                   f"measure), {d.get('pflops_whole_model', 0.0):.2f}% (whole "
-                   f"model); pruned params: {d.get('dsp_pparams', 0.0):.2f}% / "
-                   f"{d.get('pparams_whole_model', 0.0):.2f}%")
+      lines += wrap(
+          f"pruned: P.FLOPS {d.get('dsp_pflops', 0.0):.2f} % / P.PARAMS "
+          f"{d.get('dsp_pparams', 0.0):.2f} % (DSP measure: taking-part "
+          f"convs); {d.get('pflops_whole_model', 0.0):.2f} % of MACs / "
+          f"{d.get('pparams_whole_model', 0.0):.2f} % of params (whole model)")
+    for line in method_lines:
+      lines += wrap(line)
     for k, v in d.items():
-      if k not in _SUMMARY_SKIP:
-        lines.append(f"{k}: {json.dumps(v, default=_scalar)[:200]}")
+      if k in _SUMMARY_SKIP or k in shown:
+        continue
+      text = _plain(v)
+      lines += wrap(f"{k}: {text if text is not None else '(report.json)'}")
+    lines += self._export_lines()
+    lines.append(f"details: {self.path}")
     return "\n".join(lines)
+
+  def _export_lines(self) -> list[str]:
+    """Which model was exported and why, the files, the input they take."""
+    d, lines = self.data, []
+    exported = d.get("exported")
+    if exported:
+      lines += wrap(f"exported model: {exported.get('what', '?')} — "
+                    f"{exported.get('why', '')}".rstrip(" —"))
+    export = d.get("export") or {}
+    files = export.get("files") or {}
+    if files:
+      paths = [pathlib.Path(p) for p in files.values()]
+      parent = paths[0].parent
+      names = (" ".join(p.name for p in paths)
+               if all(p.parent == parent for p in paths)
+               else " ".join(map(str, paths)))
+      diff = export.get("max_abs_diff")
+      if isinstance(diff, Mapping) and diff:
+        diff = max(diff.values())
+      tail = (f" (max |logits diff| vs JAX {diff:.2g})"
+              if isinstance(diff, (int, float)) else "")
+      lines += wrap(f"export: {parent}/ {names}{tail}")
+    pre = d.get("preprocess")
+    if pre:
+      lines += wrap(f"input: {pre.get('summary', '')}")
+    plots = d.get("plots")
+    if plots:
+      lines += wrap("plots: " + " ".join(pathlib.Path(p).name
+                                         for p in plots.values()))
+    return lines

@@ -57,7 +57,8 @@ def preprocess(rng: jax.Array | None, images: jax.Array, info: Any,
     Float images of ``dtype``.
   """
   from training import augment  # Lazily: only steps need it.
-  if rng is not None:
+  # Encoded datasets were cropped and augmented by the host transforms.
+  if rng is not None and not getattr(info, "encoded", False):
     images = augment.cifar_augment(rng, images, flip=info.hflip)
   return augment.normalize(images, info.mean, info.std, dtype=dtype)
 
@@ -77,7 +78,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     info: Any, mesh: jax.sharding.Mesh, *,
                     lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
                     augment: bool = True, dtype: Any = jnp.float32,
-                    variables_fn: VariablesFn | None = None) -> StepFn:
+                    variables_fn: VariablesFn | None = None,
+                    mix: Any = None, label_smoothing: float = 0.0) -> StepFn:
   """The plain supervised training step, jitted over ``mesh``.
 
   Args:
@@ -93,6 +95,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       extra collections merged into the apply variables (DDROP's ``ddrop``
       keep probabilities) and names of extra mutable collections, whose
       updated values are stored in ``state.extra`` under their names.
+    mix: a ``training.mix.MixConfig``: CutMix/MixUp of the batch from the
+      step's key (None or ``prob`` 0: off).
+    label_smoothing: smoothing of the one-hot targets. With ``mix`` or
+      smoothing the loss is the soft-target cross-entropy.
 
   Returns:
     ``step_fn(state, batch) -> (state, metrics)`` with ``batch`` =
@@ -101,10 +107,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     argument is donated.
   """
 
+  soft = label_smoothing > 0 or (mix is not None and mix.prob > 0)
+
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     aug_rng, model_rng = jax.random.split(rng)
     x = preprocess(aug_rng if augment else None, batch["image"], info, dtype)
+    targets = None
+    if soft:
+      from training import mix as mix_lib  # Lazily: only steps need it.
+      targets = mix_lib.soft_targets(batch["label"], info.num_classes,
+                                     label_smoothing)
+      if mix is not None and augment:
+        x, targets = mix_lib.mix_batch(jax.random.fold_in(aug_rng, 1), x,
+                                       targets, mix)
 
     def loss_fn(params):
       variables = state.variables()
@@ -115,7 +131,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       logits, updates = model.apply(variables, x, train=True,
                                     mutable=["batch_stats", *extra_mutable],
                                     rngs=model_rngs(model_rng))
-      loss = jnp.mean(cross_entropy(logits, batch["label"]))
+      loss = jnp.mean(cross_entropy(logits, batch["label"]) if targets is None
+                      else optax.softmax_cross_entropy(
+                          logits.astype(jnp.float32), targets))
       extra = {k: updates[k] for k in extra_mutable}
       return loss, (logits, updates["batch_stats"], extra)
 

@@ -1,0 +1,109 @@
+"""Ordinary user mistakes at the command line: one line, no traceback.
+
+Every user-facing entry point (``run.py``, ``python -m ddrop_jax``,
+``python -m convert``) runs its work inside ``reported(...)``: a missing
+file, unreadable data, a wrong file kind or an invalid value ends the
+program with ``error: <message>`` on stderr and a non-zero exit status, and
+an output directory the failed command created is removed again. Anything
+else (a bug) keeps its traceback. Importing this module imports nothing
+heavy, so it can wrap the imports of JAX itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import sys
+from typing import Any, Callable, Iterator, Sequence
+
+# Exceptions that mean "the input is wrong", not "the code is wrong".
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, KeyError, ImportError, EOFError)
+# Exit status of a user error (argparse uses 2 for usage errors).
+EXIT_STATUS = 1
+
+
+def message(error: BaseException) -> str:
+  """The one-line text of ``error`` (a KeyError without its quotes).
+
+  Args:
+    error: the exception.
+
+  Returns:
+    Its message on one line (continuation lines indented after ``; ``).
+  """
+  if isinstance(error, KeyError) and len(error.args) == 1:
+    text = str(error.args[0])
+  elif isinstance(error, OSError) and error.filename and error.strerror:
+    text = f"{error.strerror}: {error.filename}"
+  else:
+    text = str(error) or type(error).__name__
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return "; ".join(lines)
+
+
+def _remove_if_new(path: pathlib.Path, existed: bool) -> None:
+  """Removes ``path`` when this command created it and it holds no
+  checkpoint (a run that trained keeps what it trained)."""
+  if existed or not path.is_dir():
+    return
+  if any(path.rglob("meta.json")):
+    return
+  shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def reported(outputs: Sequence[str | os.PathLike] = (),
+             extra: tuple[type[BaseException], ...] = (),
+             status: int = EXIT_STATUS) -> Iterator[None]:
+  """Turns user errors raised in the block into ``error: ...`` and an exit.
+
+  Args:
+    outputs: directories the block may create; those that did not exist
+      before are removed again when the block fails with a user error.
+    extra: further exception classes to report this way (e.g. a training
+      divergence).
+    status: the exit status.
+
+  Yields:
+    Nothing.
+
+  Raises:
+    SystemExit: with ``status`` after printing the message.
+  """
+  paths = [pathlib.Path(p).expanduser() for p in outputs if p]
+  existed = [p.exists() for p in paths]
+  try:
+    yield
+  except USER_ERRORS + tuple(extra) as e:
+    for p, ex in zip(paths, existed):
+      _remove_if_new(p, ex)
+    print(f"error: {message(e)}", file=sys.stderr, flush=True)
+    raise SystemExit(status) from None
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr, flush=True)
+    raise SystemExit(130) from None
+
+
+def call(fn: Callable[[], Any], outputs: Sequence[str | os.PathLike] = (),
+         extra: tuple[type[BaseException], ...] = (),
+         status: int = EXIT_STATUS) -> int:
+  """Runs ``fn()`` inside ``reported``; returns the exit status.
+
+  Args:
+    fn: the work.
+    outputs: as in ``reported``.
+    extra: as in ``reported``.
+    status: the status of a user error.
+
+  Returns:
+    0, or ``status`` after the one-line message.
+  """
+  try:
+    with reported(outputs, extra, status):
+      fn()
+  except SystemExit as e:
+    return int(e.code or 0)
+  return 0
