@@ -179,6 +179,7 @@ class BranchedExport:
   max_abs_diff: dict[str, float]
   branches: dict[str, int]
   summary: slim.SlimSummary
+  notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def export_branched(model: Any, variables: Mapping[str, Any],

@@ -15,7 +15,11 @@
     reference-format ``[state_dict, accuracy]`` file;
   - ``slim`` (``resnet`` / ``vgg`` families, DDROP): the physically slimmed
     files of ``convert.slim.export_ddrop`` (``slim.pt``, ``slim.pt2``,
-    ``slim_state_dict.pt``, ``reference_io.npz``).
+    ``slim_state_dict.pt``, ``reference_io.npz``);
+  - ``branched`` (``resnet`` / ``vgg`` families, DSP): the multi-branch files
+    of ``convert.branched.export_branched`` (``packed.pt``, ``packed.pt2``,
+    ``packed_state_dict.pt``, ``branches.json``); the default for a model
+    that carries DSP group logits (a ``gates`` collection).
 
   Both also write ``fast.pt`` / ``fast.pt2`` / ``fast_plan.json``
   (``convert.fast``; ``--tune`` times the formulations, ``--plan`` reuses a
@@ -38,12 +42,14 @@ from typing import Any, Sequence
 import numpy as np
 
 import models
-from convert import dsp, fast, jax_side, preprocess, reference, slim, tables
+from convert import (branched, dsp, fast, jax_side, preprocess, reference,
+                     slim, tables)
 from convert import transformers
 from training import errors
 
 # Export format -> the model families it supports.
-FORMATS = {"packed": (jax_side.FAMILY,), "slim": slim.FAMILIES}
+FORMATS = {"packed": (jax_side.FAMILY,), "slim": slim.FAMILIES,
+           "branched": slim.FAMILIES}
 
 
 def is_torchscript(path: pathlib.Path) -> bool:
@@ -159,7 +165,8 @@ def export_dir(source: str | pathlib.Path, out: str | pathlib.Path,
                program: bool = True, which: str = "best",
                export: str | None = None, image_size: int | None = None,
                fast_options: fast.Options | None = fast.Options()
-               ) -> dsp.ExportResult | slim.SlimExport:
+               ) -> (dsp.ExportResult | slim.SlimExport
+                     | branched.BranchedExport):
   """Exports a variables directory or a training stage directory.
 
   Args:
@@ -195,8 +202,11 @@ def _export(model: Any, variables: dict[str, Any], info: dict[str, Any],
             out: str | pathlib.Path, stage: str | None, accuracy: float,
             program: bool, export: str | None, image_size: int | None,
             fast_options: fast.Options | None = fast.Options()
-            ) -> dsp.ExportResult | slim.SlimExport:
+            ) -> (dsp.ExportResult | slim.SlimExport
+                  | branched.BranchedExport):
   fmt = export_format(info["model"]) if export is None else export
+  if export is None and fmt == "slim" and variables.get("gates"):
+    fmt = "branched"  # DSP-pruned: its groups become branches.
   if fmt not in FORMATS:
     raise ValueError(f"export format must be one of {', '.join(FORMATS)}, "
                      f"got {fmt!r}")
@@ -204,12 +214,15 @@ def _export(model: Any, variables: dict[str, Any], info: dict[str, Any],
   if family not in FORMATS[fmt]:
     raise ValueError(f"the {fmt} export supports the families "
                      f"{', '.join(FORMATS[fmt])}; {info['model']} is {family}")
+  if fmt != "packed" and stage is not None:
+    raise ValueError("--stage (the reference-format state dict) belongs to "
+                     f"the packed DSP export; the {fmt} export has none")
   if fmt == "slim":
-    if stage is not None:
-      raise ValueError("--stage (the reference-format state dict) belongs to "
-                       "the packed DSP export; the slim export has none")
     return slim.export_ddrop(model, variables, out, image_size,
                              program=program, fast_options=fast_options)
+  if fmt == "branched":
+    return branched.export_branched(model, variables, out, image_size,
+                                    program=program)
   nbt = info.get("meta", {}).get("num_batches_tracked")
   result = dsp.export_packed(model, variables, out, num_batches_tracked=nbt,
                              program=program, image_size=image_size or 32,
@@ -269,8 +282,9 @@ def _add_export_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", required=True)
   p.add_argument("--format", choices=tuple(FORMATS), dest="export_format",
                  help="packed: DSP packing (cifar_resnet family); slim: DDROP "
-                 "slimming (resnet, vgg families); default: by the model's "
-                 "family")
+                 "slimming (resnet, vgg families); branched: DSP branches "
+                 "(resnet, vgg families); default: by the model's family, "
+                 "branched when it carries DSP gates")
   p.add_argument("--stage", choices=reference.STAGES,
                  help="also write the reference-format state dict (packed)")
   p.add_argument("--accuracy", type=float, default=0.0)

@@ -159,11 +159,13 @@ def make_group_step(
   tx = direction or sgd_direction(momentum, weight_decay)
   gate_tx = gate_optimizer(gate_lr)
 
-  def loss_and_grads(params, batch_stats, others, images, labels):
+  def loss_and_grads(params, batch_stats, others, images, labels, rng):
     def loss_fn(p):
+      # ``rng`` feeds nn.Dropout (VGG's classifier); each pass samples its
+      # own mask, as the reference's two forward passes do.
       logits, new_vars = model.apply(
           {"params": p, "batch_stats": batch_stats, **others}, images,
-          train=True, mutable=["batch_stats"])
+          train=True, mutable=["batch_stats"], rngs={"dropout": rng})
       loss = optax.softmax_cross_entropy_with_integer_labels(
           logits, labels).mean()
       return loss, (logits, new_vars["batch_stats"])
@@ -203,7 +205,8 @@ def make_group_step(
 
     # 2. Main step.
     loss, out, stats1, grads = loss_and_grads(
-        state.params, state.batch_stats, others, images, labels)
+        state.params, state.batch_stats, others, images, labels,
+        jax.random.fold_in(key, 2))
     params1, opt_state = sgd(state.params, grads, state.opt_state, lr)
 
     # 3-5. Terms at θ, then the penalised θ (W_ck).
@@ -218,7 +221,7 @@ def make_group_step(
 
     # 6. Look-ahead step on the same batch with a copy of the momentum.
     _, _, _, grads2 = loss_and_grads(params_ck, stats1, others, images,
-                                     labels)
+                                     labels, jax.random.fold_in(key, 3))
     params2, _ = sgd(params_ck, grads2, opt_state, lr)
 
     # 7-9. Group gradient at the look-ahead weights.

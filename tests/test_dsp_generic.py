@@ -109,6 +109,26 @@ def test_group_step_runs_and_reduces_the_group_regulariser(family):
       jax.tree_util.tree_flatten_with_path(state.gates)[0]}
 
 
+def test_group_step_feeds_dropout_of_a_vgg_classifier():
+  # VGG's classifier has nn.Dropout: the step must hand it an rng.
+  model, info, v = _setup("vgg")
+  model = model.clone(dropout_rate=0.5)
+  state = dsp_jax.init_group_state(
+      {"params": jax.tree.map(jnp.asarray, v["params"]),
+       "batch_stats": jax.tree.map(jnp.asarray, v["batch_stats"])},
+      jax.tree.map(jnp.asarray, v["gates"]), rng=jax.random.key(0))
+  step = dsp_jax.make_group_step(
+      model, groups=2, lam=1.0, lr_schedule=lambda t: 0.05, total_steps=2,
+      layer_info=info)
+  rs = np.random.RandomState(0)
+  batch = {"image": jnp.asarray(rs.normal(size=(8, SIZE, SIZE, 3)),
+                                jnp.float32),
+           "label": jnp.asarray(rs.randint(0, 10, size=8))}
+  new, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert int(new.step) == 1
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rate", [0.4, 0.6])
 def test_rate_search_lands_within_the_tolerance(family, rate):
@@ -223,6 +243,30 @@ def test_generic_export_matches_the_masked_model(tmp_path, family):
         assert kept <= set(b["inputs"])
     assert sorted(f for b in layer["branches"] for f in b["filters"]) == (
         layer["filters"])
+
+
+def test_convert_export_of_a_dsp_pruned_vgg_writes_branches(tmp_path):
+  # A model with DSP group logits exports as branches by default (the files
+  # of the pack stage); without the logits it is slimmed as DDROP's.
+  from convert import branched, cli, slim  # pylint: disable=g-import-not-at-top
+  model, info, v = _setup("vgg", seed=3, w=2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    res = pr.prune(v["params"], v["gates"], info, groups=2, rate=0.5)
+  pruned = {**v, "params": res.params, "masks": res.masks}
+  source = {"model": "cifar_vgg11_bn", "meta": {}}  # the family decides
+  r = cli._export(model, pruned, source, tmp_path / "out", None, 0.0, False,
+                  None, None)
+  assert isinstance(r, branched.BranchedExport)
+  assert (tmp_path / "out" / branched.BRANCHES).is_file()
+  assert max(r.max_abs_diff.values()) <= 1e-4
+  with pytest.raises(ValueError, match="branched export has none"):
+    cli._export(model, pruned, source, tmp_path / "out2", "group", 0.0,
+                False, None, None)
+  dense = {k: x for k, x in pruned.items() if k != "gates"}
+  r = cli._export(model.clone(groups=None), dense, source, tmp_path / "out3",
+                  None, 0.0, False, None, None)
+  assert isinstance(r, slim.SlimExport)
 
 
 class _Mixing(nn.Module):
