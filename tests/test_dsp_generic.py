@@ -83,20 +83,26 @@ def _regulariser(params, gates, info):
              info.convs)
 
 
-@pytest.mark.parametrize("family", ["bottleneck", "vgg"])
-def test_group_step_runs_and_reduces_the_group_regulariser(family):
-  model, info, v = _setup(family)
+def _group_state_and_batch(v):
+  """A group-learning state from random variables, and a random batch."""
   state = dsp_jax.init_group_state(
       {"params": jax.tree.map(jnp.asarray, v["params"]),
        "batch_stats": jax.tree.map(jnp.asarray, v["batch_stats"])},
       jax.tree.map(jnp.asarray, v["gates"]), rng=jax.random.key(0))
-  step = dsp_jax.make_group_step(
-      model, groups=2, lam=5.0, lr_schedule=lambda t: 0.05, total_steps=3,
-      layer_info=info)
   rs = np.random.RandomState(0)
   batch = {"image": jnp.asarray(rs.normal(size=(8, SIZE, SIZE, 3)),
                                 jnp.float32),
            "label": jnp.asarray(rs.randint(0, 10, size=8))}
+  return state, batch
+
+
+@pytest.mark.parametrize("family", ["bottleneck", "vgg"])
+def test_group_step_runs_and_reduces_the_group_regulariser(family):
+  model, info, v = _setup(family)
+  state, batch = _group_state_and_batch(v)
+  step = dsp_jax.make_group_step(
+      model, groups=2, lam=5.0, lr_schedule=lambda t: 0.05, total_steps=3,
+      layer_info=info)
   before = _regulariser(state.params, state.gates, info)
   for _ in range(3):
     state, metrics = step(state, batch)
@@ -113,17 +119,10 @@ def test_group_step_feeds_dropout_of_a_vgg_classifier():
   # VGG's classifier has nn.Dropout: the step must hand it an rng.
   model, info, v = _setup("vgg")
   model = model.clone(dropout_rate=0.5)
-  state = dsp_jax.init_group_state(
-      {"params": jax.tree.map(jnp.asarray, v["params"]),
-       "batch_stats": jax.tree.map(jnp.asarray, v["batch_stats"])},
-      jax.tree.map(jnp.asarray, v["gates"]), rng=jax.random.key(0))
+  state, batch = _group_state_and_batch(v)
   step = dsp_jax.make_group_step(
       model, groups=2, lam=1.0, lr_schedule=lambda t: 0.05, total_steps=2,
       layer_info=info)
-  rs = np.random.RandomState(0)
-  batch = {"image": jnp.asarray(rs.normal(size=(8, SIZE, SIZE, 3)),
-                                jnp.float32),
-           "label": jnp.asarray(rs.randint(0, 10, size=8))}
   new, metrics = step(state, batch)
   assert np.isfinite(float(metrics["loss"]))
   assert int(new.step) == 1
