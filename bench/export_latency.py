@@ -19,8 +19,9 @@ Models (random weights; the pruning is what each method leaves):
 
 Rows per model, each at batch 1 and 128 (``--batches``): the dense network
 BN-folded in NCHW and in channels_last ("best dense" = the faster), the
-original-format file, ``fast.pt`` (``convert.fast``, cost model, or timed
-with ``--tune``), and in JAX the dense jitted apply and the compact function
+original-format file, ``fast.pt`` (``convert.fast``: a plan per batch
+regime, dispatched on the batch at run time; cost model, or timed with
+``--tune``), and in JAX the dense jitted apply and the compact function
 (``convert.fast_jax``). Each cell is the median of ``--repeats`` runs
 interleaved across a model's rows (round-robin, so load changes hit all rows
 alike) after ``--warmup`` calls. The summary gives each pruned row's ratio to

@@ -1,7 +1,7 @@
 """Accuracy vs FLOPs: DSP and DDROP against L1-norm, random and dense.
 
     python bench/study.py --out runs/study [--quick] [--seeds 0 1 2]
-        [--targets 50 70 80] [--models cifar_resnet8 [cifar_vgg_tiny ...]]
+        [--targets 50 70 80] [--models cifar_resnet8 [cifar_vgg_small ...]]
         [--dataset digits] [--data-dir DIR] [--train-images 500] [--batch 32]
         [--pretrain 16] [--phase 3] [--finetune 3]
 

@@ -1,4 +1,4 @@
-"""DSP export of any pruned CNN: a compact multi-branch PyTorch network.
+"""DSP export of any pruned CNN or ViT / Swin: a compact PyTorch network.
 
 The DSP CIFAR ResNets keep the released files' format (``convert.dsp``).
 Every other model the channel-flow structure describes (torchvision-layout
@@ -15,6 +15,12 @@ steps:
    branch a dense conv over its own input channels; the branch outputs are
    concatenated and put back in filter order. The convs of the same group
    read the same input channels, so G groups give (at most) G small convs.
+
+A ViT / Swin pruned on its MLPs is slimmed by ``convert.transformer_torch``:
+per MLP, fc1 is one Linear over the union of its groups' kept input features
+producing only its kept hidden units, fc2 one Linear over those producing its
+kept outputs, index-added into the residual stream (``SlimMlp``);
+``branches.json`` still lists each Linear's groups.
 
 ``export_branched`` writes ``packed.pt`` (TorchScript, ``torch.jit.load``),
 ``packed.pt2`` (``torch.export``), ``packed_state_dict.pt`` (the compact
@@ -121,6 +127,26 @@ def _parent(module: nn.Module, name: str) -> tuple[nn.Module, str] | None:
                                     nn.Conv2d) else None
 
 
+def _linear_entry(layer: Any, folded: Mapping[str, Any]) -> dict[str, Any]:
+  """``branches.json`` entry of a taking-part Linear (a transformer MLP's).
+
+  Its groups of units with the same kept inputs are listed as branches, as
+  for a conv; the export computes them with one Linear over the union of
+  their inputs (``convert.transformer_torch.SlimMlp``), zeros where a group
+  does not read an input.
+  """
+  node = folded
+  for k in layer.path:
+    node = node[k]
+  conn = np.asarray(node["kernel"]) != 0                  # (I, O)
+  groups = packing.group_rows(conn.T.astype(np.float32))
+  return {"layer": layer.name,
+          "inputs": np.flatnonzero(conn.any(axis=1)).tolist(),
+          "filters": np.flatnonzero(conn.any(axis=0)).tolist(),
+          "branches": [{"inputs": c.tolist(), "filters": r.tolist()}
+                       for c, r in groups]}
+
+
 @dataclasses.dataclass
 class Packed:
   """A packed model and its description.
@@ -143,7 +169,7 @@ def pack(model: Any, variables: Mapping[str, Any],
   """The pruned Flax model as a compact multi-branch torch module.
 
   Args:
-    model: a Flax ``models.resnet.ResNet`` or ``models.vgg.VGG``.
+    model: a Flax ``models.resnet.ResNet``, ``models.vgg.VGG`` or a ViT / Swin.
     variables: its pruned variables (``params``, ``batch_stats``, ``masks``).
     image_size: input height/width (default: the model's).
 
@@ -155,7 +181,11 @@ def pack(model: Any, variables: Mapping[str, Any],
   structure = models.analyze(model, size)
   keep = slim.kept_units(structure, jax_side.to_numpy_tree(dict(variables)))
   layers = []
+  folded = packing.apply_masks(jax_side.to_numpy_tree(dict(variables)))
   for l in structure.taking_part:
+    if l.kind == "dense":  # a transformer MLP Linear: one compact Linear
+      layers.append(_linear_entry(l, folded["params"]))
+      continue
     found = _parent(module, l.name)
     if found is None:  # the whole block went (it adds a constant)
       continue
@@ -190,7 +220,7 @@ def export_branched(model: Any, variables: Mapping[str, Any],
   """Packs a DSP-pruned Flax model and writes the PyTorch files.
 
   Args:
-    model: a Flax ``ResNet`` or ``VGG``.
+    model: a Flax ``ResNet``, ``VGG``, ViT or Swin.
     variables: its pruned variables.
     out_dir: directory to write into (created).
     image_size: input height/width (default: the model's).
@@ -222,7 +252,10 @@ def export_branched(model: Any, variables: Mapping[str, Any],
 
 
 def family_supported(model: Any) -> bool:
-  """Whether ``export_branched`` packs this model (ResNet / VGG families)."""
+  """Whether ``export_branched`` packs this model (ResNet, VGG, ViT, Swin)."""
+  from models import swin, vit  # pylint: disable=import-outside-toplevel
+  if isinstance(model, (vit.VisionTransformer, swin.SwinTransformer)):
+    return True
   try:
     slim.family_of(model)
   except ValueError:

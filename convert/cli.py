@@ -282,9 +282,9 @@ def _add_export_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", required=True)
   p.add_argument("--format", choices=tuple(FORMATS), dest="export_format",
                  help="packed: DSP packing (cifar_resnet family); slim: DDROP "
-                 "slimming (resnet, vgg families); branched: DSP branches "
-                 "(resnet, vgg families); default: by the model's family, "
-                 "branched when it carries DSP gates")
+                 "slimming (resnet, vgg, vit, swin families); branched: DSP "
+                 "branches (resnet, vgg; vit, swin: compact MLPs); default: "
+                 "by the model's family, branched when it carries DSP gates")
   p.add_argument("--stage", choices=reference.STAGES,
                  help="also write the reference-format state dict (packed)")
   p.add_argument("--accuracy", type=float, default=0.0)

@@ -24,21 +24,31 @@ such a model into exact equivalents that run faster:
     is a plain add instead of an index-add;
 
 * the memory format (``nchw`` / ``channels_last``) is chosen for the whole
-  network.
+  network, per batch regime (below).
 
-Choices come from a cost model (``COSTS``, per memory format: a conv's
-multiply-accumulates and call overhead, gathers, concatenations and index-adds
-per element; measured on one thread of a CPU with torch 2.13, where gathers
-and index-adds in channels_last cost about ten times their NCHW cost) or, with
-``tune=True``, from timing the candidates on the exporting machine. The
-chosen plan (``Plan``) is written as JSON beside the files; a cached plan is
-reused when it was made for the same model structure and torch version, and
-ignored with a warning otherwise.
+Small and large batches want different plans: on one thread of a CPU with
+torch 2.13, channels_last convs are cheaper per multiply-accumulate at large
+batches (2-4x for NCHW convs of few channels over 32x32 images), while its
+gathers and index-adds cost about ten times their NCHW cost and its calls
+about twice, which dominates at small batches. A plan (``Plan``) therefore
+holds one ``Regime`` per batch regime (``REGIMES``: batch 1 and batch 128),
+each with its own memory format and formulations, chosen by a cost model
+(``COSTS``, per regime and memory format: a conv's multiply-accumulates and
+call overhead, gathers, concatenations and index-adds per element, from
+single ops and whole networks timed at batch 1 and 128) or, with
+``tune=True``, by timing the candidates at that batch on the exporting
+machine. The plan is written as JSON beside the files; a cached plan is
+reused when it was made for the same model structure, torch version and plan
+version, and ignored with a warning otherwise.
 
 ``export_fast`` writes ``fast.pt`` (TorchScript, traced and frozen: opens with
-``torch.jit.load`` and needs no project code), ``fast.pt2`` (``torch.export``)
-and ``fast_plan.json``, and checks their logits against the masked model's.
-``convert.fast_jax`` applies the same lowering in JAX.
+``torch.jit.load`` and needs no project code; when the regimes' plans differ,
+a scripted ``BatchDispatch`` runs the small plan on batches up to
+``Plan.threshold`` and the large one above), ``fast.pt2`` (``torch.export``,
+batch dynamic, the same dispatch through ``torch.cond``) and
+``fast_plan.json``, and checks their logits against the masked model's at a
+batch of each regime. ``convert.fast_jax`` applies the same lowering in JAX
+(the large regime's formulations).
 """
 
 from __future__ import annotations
@@ -61,23 +71,63 @@ from torch import nn
 FORMULATIONS = ("branches", "clusters", "union", "dense_in", "padded")
 MEMORY_FORMATS = ("nchw", "channels_last")
 FAST, FAST_PROGRAM, FAST_PLAN = "fast.pt", "fast.pt2", "fast_plan.json"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 BN_EPS = 1e-5
 
-# Cost model, seconds per unit, per memory format. ``mac``: one conv
-# multiply-accumulate; ``narrow``: a conv with n inputs or filters costs
-# (1 + narrow / n) times its MACs (small convs use the vector units badly);
+# Batch regimes: each gets its own plan (memory format and formulations),
+# chosen at that regime's batch; at run time ``fast.pt`` runs the small plan
+# for batches up to ``SMALL_BATCH_MAX`` and the large one above it (on one
+# thread, the pruned resnet56_g3 ran as fast in NCHW as in channels_last at
+# batch 8: 27.5 vs 27.1 ms).
+REGIMES = {"small": 1, "large": 128}
+SMALL_BATCH_MAX = 8
+
+# Cost model, seconds per unit, per batch regime and memory format (one
+# thread, CPU, torch 2.13). ``mac``: one conv multiply-accumulate; ``narrow``:
+# a conv with n inputs or filters costs (1 + narrow / n) times its MACs
+# (small convs use the vector units badly; large-batch NCHW convs of few
+# channels over 32x32 images are about 4x slower per MAC than wide ones);
 # ``call``: overhead of one op; ``gather``/``scatter``/``copy``/``add``: per
 # element moved by index_select / index_add / cat / an elementwise add.
+# ``narrow`` and the per-element costs are from single ops timed at batch 1
+# and 128 (``median_seconds``); ``mac``, ``call`` and the channels_last
+# gathers at batch 1 are fitted to whole traced resnet56_g3 networks (dense,
+# and pruned under each regime's plan, in both formats) timed interleaved
+# at batch 1 and 128: in a whole network a MAC costs about 0.6x its
+# isolated cost at batch 1 (no per-module overhead) and about 2x at batch
+# 128 (activations out of cache), and at batch 1 channels_last ops cost
+# about twice NCHW's per call and its gathers and index-adds 8-17x.
+# So at batch 1 NCHW wins for pruned networks (1.3x on resnet56_g3) and at
+# batch 128 channels_last does (its convs 2-4x cheaper per MAC over 32x32
+# images).
 COSTS = {
-    "nchw": {"mac": 60e-12, "narrow": 8.0, "call": 8e-6, "gather": 0.3e-9,
-             "scatter": 0.9e-9, "copy": 0.2e-9, "add": 0.15e-9},
-    "channels_last": {"mac": 45e-12, "narrow": 8.0, "call": 8e-6,
-                      "gather": 3e-9, "scatter": 5e-9, "copy": 0.3e-9,
-                      "add": 0.15e-9},
+    "small": {
+        "nchw": {"mac": 29e-12, "narrow": 10.0, "call": 8e-6,
+                 "gather": 0.3e-9, "scatter": 0.9e-9, "copy": 0.2e-9,
+                 "add": 0.3e-9},
+        "channels_last": {"mac": 20e-12, "narrow": 16.0, "call": 16e-6,
+                          "gather": 5e-9, "scatter": 7e-9, "copy": 0.4e-9,
+                          "add": 0.3e-9},
+    },
+    "large": {
+        "nchw": {"mac": 16e-12, "narrow": 64.0, "call": 8e-6,
+                 "gather": 0.3e-9, "scatter": 0.8e-9, "copy": 0.15e-9,
+                 "add": 0.2e-9},
+        "channels_last": {"mac": 31e-12, "narrow": 8.0, "call": 8e-6,
+                          "gather": 2.2e-9, "scatter": 3e-9, "copy": 0.2e-9,
+                          "add": 0.2e-9},
+    },
 }
-# The batches a plan is chosen for: the mean per-image cost over them.
-PLAN_BATCHES = (1, 128)
+
+
+def regime_of(batch: int) -> str:
+  """The batch regime (``REGIMES`` key) a batch runs in."""
+  return "small" if batch <= SMALL_BATCH_MAX else "large"
+
+
+def cost_constants(memory_format: str, batch: int) -> Mapping[str, float]:
+  """The cost model's constants for a memory format at a batch."""
+  return COSTS[regime_of(batch)][memory_format]
 
 
 # ---------------------------------------------------------------- structure
@@ -321,35 +371,94 @@ class LayerChoice:
 
 
 @dataclasses.dataclass
+class Regime:
+  """One batch regime's plan: a memory format and per-layer formulations.
+
+  Attributes:
+    batch: the batch it was chosen at.
+    memory_format: ``nchw`` or ``channels_last``.
+    layers: layer name -> choice.
+    info: estimates or timings, formulation counts (free-form, JSON).
+  """
+
+  batch: int
+  memory_format: str
+  layers: dict[str, LayerChoice]
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def same_lowering(self, other: "Regime") -> bool:
+    """Whether both lower every layer alike (the same module)."""
+    return (self.memory_format, self.layers) == (other.memory_format,
+                                                  other.layers)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"batch": self.batch, "memory_format": self.memory_format,
+            "layers": {k: v.to_json() for k, v in self.layers.items()},
+            "info": self.info}
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "Regime":
+    if d["memory_format"] not in MEMORY_FORMATS:
+      raise ValueError(f"unknown memory format {d['memory_format']!r}")
+    return cls(int(d["batch"]), d["memory_format"],
+               {k: LayerChoice.from_json(v) for k, v in d["layers"].items()},
+               dict(d.get("info", {})))
+
+
+@dataclasses.dataclass
 class Plan:
-  """The chosen memory format and per-layer formulations of a network.
+  """The chosen plan of a network, one per batch regime.
+
+  ``fast.pt`` runs ``regimes["small"]`` for batches up to ``threshold`` and
+  ``regimes["large"]`` above; ``fast.pt2`` does the same through
+  ``torch.cond``, and ``convert.fast_jax`` uses the large regime's
+  formulations.
 
   Attributes:
     model: the network's name.
     fingerprint: ``NetSpec.fingerprint`` of the network it was made for.
     torch_version: ``torch.__version__`` it was made with.
     method: ``cost_model`` or ``tuned``.
-    memory_format: ``nchw`` or ``channels_last``.
-    layers: layer name -> choice.
+    regimes: ``small`` and ``large`` (``REGIMES``) -> their plans.
+    threshold: the largest batch that runs the small regime's plan.
     pruned: whether anything was pruned.
-    info: estimates, timings, MACs (free-form, JSON).
+    info: MACs, threads (free-form, JSON).
   """
 
   model: str
   fingerprint: str
   torch_version: str
   method: str
-  memory_format: str
-  layers: dict[str, LayerChoice]
+  regimes: dict[str, Regime]
+  threshold: int = SMALL_BATCH_MAX
   pruned: bool = True
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def large(self) -> Regime:
+    """The large-batch regime (``fast.pt2`` without dispatch, JAX)."""
+    return self.regimes["large"]
+
+  @property
+  def memory_format(self) -> str:
+    """The large regime's memory format."""
+    return self.large.memory_format
+
+  @property
+  def layers(self) -> dict[str, LayerChoice]:
+    """The large regime's formulations."""
+    return self.large.layers
+
+  def dispatches(self) -> bool:
+    """Whether the regimes lower differently (``fast.pt`` holds both)."""
+    return not self.regimes["small"].same_lowering(self.large)
 
   def to_json(self) -> dict[str, Any]:
     return {"version": PLAN_VERSION, "model": self.model,
             "fingerprint": self.fingerprint, "torch": self.torch_version,
-            "method": self.method, "memory_format": self.memory_format,
+            "method": self.method, "threshold": self.threshold,
             "pruned": self.pruned,
-            "layers": {k: v.to_json() for k, v in self.layers.items()},
+            "regimes": {k: v.to_json() for k, v in self.regimes.items()},
             "info": self.info}
 
   @classmethod
@@ -357,12 +466,13 @@ class Plan:
     if d.get("version") != PLAN_VERSION:
       raise ValueError(f"plan version {d.get('version')!r}, expected "
                        f"{PLAN_VERSION}")
-    if d["memory_format"] not in MEMORY_FORMATS:
-      raise ValueError(f"unknown memory format {d['memory_format']!r}")
+    if set(d["regimes"]) != set(REGIMES):
+      raise ValueError(f"plan regimes {sorted(d['regimes'])}, expected "
+                       f"{sorted(REGIMES)}")
     return cls(d["model"], d["fingerprint"], d["torch"], d["method"],
-               d["memory_format"],
-               {k: LayerChoice.from_json(v) for k, v in d["layers"].items()},
-               bool(d.get("pruned", True)), dict(d.get("info", {})))
+               {k: Regime.from_json(v) for k, v in d["regimes"].items()},
+               int(d["threshold"]), bool(d.get("pruned", True)),
+               dict(d.get("info", {})))
 
   def save(self, path: str | os.PathLike) -> pathlib.Path:
     from convert import jax_side  # pylint: disable=import-outside-toplevel
@@ -524,7 +634,7 @@ def merge_clusters(conv: ConvSpec, memory_format: str = "nchw",
   Returns:
     Branch indices per cluster; between 1 and all branches' clusters.
   """
-  c = COSTS[memory_format]
+  c = cost_constants(memory_format, batch)
   clusters = [[j] for j in range(len(conv.branches))]
   best, best_cost = [list(x) for x in clusters], None
   while len(clusters) > 1:
@@ -544,7 +654,7 @@ def merge_clusters(conv: ConvSpec, memory_format: str = "nchw",
 def layer_cost(conv: ConvSpec, parts: Sequence[Part], layout_in: np.ndarray,
                batch: int, memory_format: str) -> float:
   """Estimated seconds of a lowered layer (cost model ``COSTS``)."""
-  c = COSTS[memory_format]
+  c = cost_constants(memory_format, batch)
   t = 0.0
   for p in parts:
     t += _conv_cost(len(p.outputs), p.weight.shape[1], conv, batch, c)
@@ -559,7 +669,7 @@ def layer_cost(conv: ConvSpec, parts: Sequence[Part], layout_in: np.ndarray,
 def residual_cost(width: int, layout: np.ndarray, hw: int, batch: int,
                   memory_format: str) -> float:
   """Estimated seconds of adding a chain's output into the shortcut."""
-  c = COSTS[memory_format]
+  c = cost_constants(memory_format, batch)
   if np.array_equal(layout, np.arange(width)):
     return c["call"] + batch * width * hw * hw * c["add"]
   # index_add out of place: a copy of the shortcut, then the scatter.
@@ -619,7 +729,7 @@ def _chain_layouts(layout: np.ndarray, parts: Sequence[Sequence[Part]]
 
 def plan_chain(convs: Sequence[ConvSpec], layout: np.ndarray,
                width: int | None, memory_format: str,
-               batches: Sequence[int] = PLAN_BATCHES,
+               batches: Sequence[int] = (REGIMES["large"],),
                timer: Callable[[list[LayerChoice]], float] | None = None,
                top: int = 3) -> tuple[list[LayerChoice], float]:
   """The cheapest formulations for a chain of convs.
@@ -753,8 +863,11 @@ class FastNet(nn.Module):
     return self.head(x)
 
 
-def walk(spec: NetSpec, plan: Plan, visit: Callable[..., Any]) -> list[Any]:
+def walk(spec: NetSpec, plan: Plan | Regime, visit: Callable[..., Any]
+         ) -> list[Any]:
   """Lowers every item of ``spec.body`` under ``plan`` and calls ``visit``.
+
+  A ``Plan`` stands for its large regime (``Plan.layers``).
 
   ``visit(kind, item, lowered)`` with kind ``conv`` (lowered: parts),
   ``block`` (lowered: ``(main parts per conv, shortcut parts, index)``,
@@ -794,8 +907,11 @@ def walk(spec: NetSpec, plan: Plan, visit: Callable[..., Any]) -> list[Any]:
   return out
 
 
-def build_torch(spec: NetSpec, plan: Plan) -> FastNet:
-  """The eager fast module of a spec under a plan (eval mode, CPU)."""
+def build_torch(spec: NetSpec, plan: Plan | Regime) -> FastNet:
+  """The eager fast module of a spec under a regime's plan (eval, CPU).
+
+  A ``Plan`` stands for its large regime.
+  """
   cl = plan.memory_format == "channels_last"
 
   def visit(kind, item, lowered):
@@ -848,10 +964,10 @@ def _chain_timer(item: BlockSpec, layout: np.ndarray, fmt: str,
   first = item.main[0]
 
   def timer(choices):
-    plan = Plan("", "", "", "", fmt, {c.name: ch for c, ch in
+    regime = Regime(batches[0], fmt, {c.name: ch for c, ch in
                                       zip(item.main, choices)})
     sub = NetSpec("", first.in_hw, first.in_width, [item], None, [])
-    block = build_torch(sub, plan).body[0]
+    block = build_torch(sub, regime).body[0]
     if cl:
       block = block.to(memory_format=torch.channels_last)
     return _time_module(block, (first.in_width, first.in_hw, first.in_hw),
@@ -859,62 +975,48 @@ def _chain_timer(item: BlockSpec, layout: np.ndarray, fmt: str,
   return timer
 
 
-def make_plan(spec: NetSpec, *, tune: bool = False,
-              memory_format: str | None = None,
-              batches: Sequence[int] = PLAN_BATCHES, repeats: int = 5,
-              cache: str | os.PathLike | None = None) -> Plan:
-  """Chooses every layer's formulation and the memory format.
+def plan_regime(spec: NetSpec, batch: int, formats: Sequence[str],
+                tune: bool = False, repeats: int = 5) -> Regime:
+  """The memory format and formulations that run fastest at one batch.
 
   Args:
     spec: the network.
-    tune: time candidates on this machine (the cost model's best few per
-      block, then the whole network in each memory format); else the cost
-      model decides.
-    memory_format: force ``nchw`` or ``channels_last`` (None: choose).
-    batches: batches the per-image cost is averaged over.
+    batch: the batch to plan for.
+    formats: the memory formats to choose from.
+    tune: time candidates (the cost model's best few per block, then the
+      whole network in each format); else the cost model decides.
     repeats: timed calls per measurement (tuning).
-    cache: a plan JSON to reuse when it was made for this network and torch
-      (``cached_plan``; a forced ``memory_format`` must match it too).
 
   Returns:
-    The plan.
+    The regime's plan; ``info`` holds the per-format estimates (or timings)
+    and the chosen formulations' counts.
   """
-  cached = cached_plan(cache, spec)
-  if cached is not None and memory_format in (None, cached.memory_format) and (
-      cached.method == "tuned" or not tune):
-    return cached
-  formats = MEMORY_FORMATS if memory_format is None else (memory_format,)
-  for f in formats:
-    if f not in MEMORY_FORMATS:
-      raise ValueError(f"memory format must be one of "
-                       f"{', '.join(MEMORY_FORMATS)}, got {f!r}")
   per_format = {}
   for fmt in formats:
     layers, total = {}, 0.0
     layout = np.arange(spec.in_channels)
     for item in spec.body:
       if isinstance(item, BlockSpec) and item.main:
-        timer = (_chain_timer(item, layout, fmt, batches, repeats) if tune
+        timer = (_chain_timer(item, layout, fmt, (batch,), repeats) if tune
                  else None)
-        choices, t = plan_chain(item.main, layout, item.width, fmt, batches,
+        choices, t = plan_chain(item.main, layout, item.width, fmt, (batch,),
                                 timer)
         layers.update({c.name: ch for c, ch in zip(item.main, choices)})
         total += t
         layout = np.arange(item.width)
       elif isinstance(item, ConvSpec):
-        total += plan_chain([item], layout, None, fmt, batches)[1]
+        total += plan_chain([item], layout, None, fmt, (batch,))[1]
         layout = np.arange(item.out_width)
       elif isinstance(item, BlockSpec):
         layout = np.arange(item.width)
     per_format[fmt] = (layers, total)
-  info: dict[str, Any] = {"batches": list(batches),
-                          "threads": torch.get_num_threads()}
+  info: dict[str, Any] = {}
   if tune and len(formats) > 1:
     whole = {}
     for fmt, (layers, _) in per_format.items():
-      net = build_torch(spec, Plan("", "", "", "", fmt, layers))
+      net = build_torch(spec, Regime(batch, fmt, layers))
       whole[fmt] = _time_module(net, (spec.in_channels, spec.image_size,
-                                      spec.image_size), batches,
+                                      spec.image_size), (batch,),
                                 fmt == "channels_last", repeats)
     fmt = min(whole, key=whole.get)
     info["seconds_per_image"] = whole
@@ -926,11 +1028,57 @@ def make_plan(spec: NetSpec, *, tune: bool = False,
   counts = {f: sum(1 for c in layers.values() if c.formulation == f)
             for f in FORMULATIONS}
   info["formulations"] = {k: v for k, v in counts.items() if v}
-  info["macs"] = spec_macs(spec)
+  return Regime(batch, fmt, layers, info)
+
+
+def make_plan(spec: NetSpec, *, tune: bool = False,
+              memory_format: str | None = None,
+              batches: Mapping[str, int] = REGIMES,
+              threshold: int = SMALL_BATCH_MAX, repeats: int = 5,
+              cache: str | os.PathLike | None = None) -> Plan:
+  """Chooses every layer's formulation and the memory format, per regime.
+
+  Args:
+    spec: the network.
+    tune: time candidates on this machine (``plan_regime``); else the cost
+      model decides.
+    memory_format: force ``nchw`` or ``channels_last`` in both regimes
+      (None: choose per regime).
+    batches: ``small`` and ``large`` -> the batch each regime is planned at.
+    threshold: the largest batch that runs the small regime's plan.
+    repeats: timed calls per measurement (tuning).
+    cache: a plan JSON to reuse when it was made for this network and torch
+      (``cached_plan``; a forced ``memory_format`` must match it too; it
+      keeps its own batches and threshold).
+
+  Returns:
+    The plan.
+  """
+  if set(batches) != set(REGIMES) or not (
+      batches["small"] <= threshold < batches["large"]):
+    raise ValueError(f"batches must map {sorted(REGIMES)} to a small batch "
+                     f"<= threshold {threshold} < a large one, got "
+                     f"{dict(batches)}")
+  cached = cached_plan(cache, spec)
+  if cached is not None and all(
+      memory_format in (None, r.memory_format)
+      for r in cached.regimes.values()) and (
+          cached.method == "tuned" or not tune):
+    return cached
+  formats = MEMORY_FORMATS if memory_format is None else (memory_format,)
+  for f in formats:
+    if f not in MEMORY_FORMATS:
+      raise ValueError(f"memory format must be one of "
+                       f"{', '.join(MEMORY_FORMATS)}, got {f!r}")
+  regimes = {k: plan_regime(spec, b, formats, tune, repeats)
+             for k, b in batches.items()}
+  info: dict[str, Any] = {"threads": torch.get_num_threads(),
+                          "macs": spec_macs(spec)}
   if spec.macs_dense:
     info["macs_dense"] = spec.macs_dense
   return Plan(spec.model, spec.fingerprint(), torch.__version__,
-              "tuned" if tune else "cost_model", fmt, layers, spec.pruned, info)
+              "tuned" if tune else "cost_model", regimes, threshold,
+              spec.pruned, info)
 
 
 # ------------------------------------------------------------------ export
@@ -944,14 +1092,81 @@ class FastExport:
   notes: list[str]
 
 
-def script(spec: NetSpec, plan: Plan) -> torch.jit.ScriptModule:
-  """The fast module traced and frozen (``torch.jit.load`` opens it alone)."""
-  net = build_torch(spec, plan)
+class BatchDispatch(nn.Module):
+  """Runs ``small`` on batches up to ``threshold`` and ``large`` above."""
+
+  def __init__(self, small: nn.Module, large: nn.Module, threshold: int):
+    super().__init__()
+    self.small = small
+    self.large = large
+    self.threshold = threshold
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    if x.size(0) <= self.threshold:
+      return self.small(x)
+    return self.large(x)
+
+
+class CondDispatch(BatchDispatch):
+  """``BatchDispatch`` through ``torch.cond``, for ``torch.export``."""
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return torch.cond(x.size(0) <= self.threshold,
+                      lambda y: self.small(y), lambda y: self.large(y), (x,))
+
+
+def _trace(spec: NetSpec, regime: Regime) -> torch.jit.ScriptModule:
+  net = build_torch(spec, regime)
   example = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
   with torch.no_grad(), warnings.catch_warnings():
     warnings.simplefilter("ignore", torch.jit.TracerWarning)
-    traced = torch.jit.trace(net, example, check_trace=False)
-  return torch.jit.freeze(traced.eval())
+    return torch.jit.trace(net, example, check_trace=False)
+
+
+def script(spec: NetSpec, plan: Plan | Regime) -> torch.jit.ScriptModule:
+  """The fast module traced and frozen (``torch.jit.load`` opens it alone).
+
+  A plan whose regimes differ gives a scripted ``BatchDispatch`` over both
+  traced regimes (freezing keeps both branches: the test is on the input).
+  """
+  if isinstance(plan, Regime) or not plan.dispatches():
+    return torch.jit.freeze(_trace(spec, plan if isinstance(plan, Regime)
+                                   else plan.large).eval())
+  module = torch.jit.script(BatchDispatch(
+      _trace(spec, plan.regimes["small"]), _trace(spec, plan.large),
+      plan.threshold))
+  return torch.jit.freeze(module.eval())
+
+
+def export_program(spec: NetSpec, plan: Plan) -> Any:
+  """The ``torch.export`` program of the fast module, batch dynamic.
+
+  A plan whose regimes differ gives a ``CondDispatch`` over both.
+  """
+  net: nn.Module = build_torch(spec, plan.large)
+  if plan.dispatches():
+    net = CondDispatch(build_torch(spec, plan.regimes["small"]), net,
+                       plan.threshold).eval()
+  size = spec.image_size
+  return torch.export.export(
+      net, (torch.zeros(plan.threshold + 1, spec.in_channels, size, size),),
+      dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+
+
+def _regime_checks(images: np.ndarray, want: np.ndarray, plan: Plan
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Check batches: one per regime when the plan dispatches, else the images.
+
+  The small regime gets the first image, the large one the images repeated
+  to ``threshold + 1``.
+  """
+  if not plan.dispatches():
+    return [(images, want)]
+  n = plan.threshold + 1
+  reps = -(-n // len(images))
+  return [(images[:1], want[:1]),
+          (np.concatenate([images] * reps)[:n],
+           np.concatenate([want] * reps)[:n])]
 
 
 def _save_program(ep: Any, path: str) -> None:
@@ -997,23 +1212,27 @@ def export_fast(spec: NetSpec, out_dir: str | os.PathLike,
   ts = script(spec, chosen)
   files[FAST] = jax_side.atomic_write(out_dir / FAST,
                                       lambda p: torch.jit.save(ts, p))
-  diffs = {FAST: dsp.check_logits(FAST, dsp.torch_logits(
-      torch.jit.load(str(files[FAST])), images), want, atol)}
+  checks = _regime_checks(images, want, chosen)
+  diffs = {FAST: max(dsp.check_logits(FAST, dsp.torch_logits(
+      torch.jit.load(str(files[FAST])), x), w, atol) for x, w in checks)}
   if program:
-    size = spec.image_size
-    ep = torch.export.export(
-        build_torch(spec, chosen), (torch.zeros(2, spec.in_channels, size,
-                                                size),),
-        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    ep = export_program(spec, chosen)
     files[FAST_PROGRAM] = jax_side.atomic_write(
         out_dir / FAST_PROGRAM, lambda p: _save_program(ep, p))
-    diffs[FAST_PROGRAM] = dsp.check_logits(FAST_PROGRAM, dsp.torch_logits(
-        torch.export.load(str(files[FAST_PROGRAM])).module(), images), want,
-        atol)
-  counts = ", ".join(f"{k} x{v}" for k, v in
-                     chosen.info["formulations"].items())
-  notes.append(f"fast plan: {chosen.memory_format}, "
-               f"{counts or 'no layer with a choice'} ({chosen.method})")
+    loaded = torch.export.load(str(files[FAST_PROGRAM])).module()
+    diffs[FAST_PROGRAM] = max(dsp.check_logits(
+        FAST_PROGRAM, dsp.torch_logits(loaded, x), w, atol) for x, w in checks)
+
+  def describe(r):
+    counts = ", ".join(f"{k} x{v}" for k, v in r.info["formulations"].items())
+    return f"{r.memory_format}, {counts or 'no layer with a choice'}"
+  if chosen.dispatches():
+    notes.append(f"fast plan: batch <= {chosen.threshold}: "
+                 f"{describe(chosen.regimes['small'])}; larger: "
+                 f"{describe(chosen.large)} ({chosen.method})")
+  else:
+    notes.append(f"fast plan: {describe(chosen.large)}, every batch "
+                 f"({chosen.method})")
   return FastExport(files, diffs, chosen, notes)
 
 

@@ -10,9 +10,10 @@ in its planned formulation) into a pure function of a parameter pytree, for
   params, apply = convert.fast_jax.compact(spec)
   logits = jax.jit(apply)(params, images_nhwc)   # = the masked model's
 
-Channel gathers and index-adds are static (numpy index constants); the plan
-defaults to the cost model's choice for channels-last layout (NHWC), which is
-what XLA runs on CPU.
+Channel gathers and index-adds are static (numpy index constants). A
+``fast.Plan`` contributes its large-batch regime's formulations (JAX has no
+memory format to choose); the default is the cost model's large-batch choice
+for channels-last layout (NHWC), which is what XLA runs on CPU.
 """
 
 from __future__ import annotations
@@ -35,21 +36,22 @@ def _conv(x: jax.Array, w: jax.Array, b: jax.Array, conv: fast.ConvSpec
   return y + b
 
 
-def compact(spec: fast.NetSpec, plan: fast.Plan | None = None
+def compact(spec: fast.NetSpec, plan: fast.Plan | fast.Regime | None = None
             ) -> tuple[dict[str, Any], Callable[[Any, jax.Array], jax.Array]]:
   """Parameters and apply function of the lowered network.
 
   Args:
     spec: the network (``convert.fast_specs``).
-    plan: per-layer formulations (default: ``fast.make_plan`` for
-      channels_last, the cost model).
+    plan: per-layer formulations: a regime, or a plan (its large regime);
+      default: ``fast.plan_regime`` at the large batch for channels_last,
+      the cost model.
 
   Returns:
     ``(params, apply)``: a pytree of jnp arrays (conv kernels HWIO) and
     ``apply(params, images_nhwc) -> logits``, pure and jittable.
   """
   if plan is None:
-    plan = fast.make_plan(spec, memory_format="channels_last")
+    plan = fast.plan_regime(spec, fast.REGIMES["large"], ("channels_last",))
   params: dict[str, Any] = {}
 
   def parts_params(name: str, parts: list[fast.Part]) -> list[dict]:

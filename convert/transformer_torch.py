@@ -13,7 +13,12 @@ state dict loads into torchvision's own module, a Swin's with
 per-unit scale of a Linear's output is a scale of its rows and bias) and
 removes the hidden units that cannot affect the logits
 (``models.dead_channels``: a zero masked scale, or an fc2 column that is
-zero) or that output zero (fc1 row and bias zero; GELU(0) = 0).
+zero) or that output zero (fc1 row and bias zero; GELU(0) = 0). A DSP-pruned
+MLP (groups of fc1 units over their own input features, a filter-pruned fc2)
+also drops the token features fc1 never reads and the outputs fc2 never
+writes: ``SlimMlp`` reads the union of its groups' inputs (zeros where a
+group does not use one) and index-adds fc2's kept outputs into the residual
+stream, exactly the masked model's arithmetic.
 """
 
 from __future__ import annotations
@@ -33,10 +38,61 @@ from models import vit as vit_lib
 from models.structure import Path
 
 
-def _mlp(dim: int, hidden: int) -> nn.Sequential:
-  # torchvision.ops.MLP: Linear, GELU, Dropout, Linear, Dropout.
-  return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0),
-                       nn.Linear(hidden, dim), nn.Dropout(0.0))
+class SlimMlp(nn.Sequential):
+  """torchvision's MLP (Linear, GELU, Dropout, Linear, Dropout) over kept units.
+
+  ``0`` (fc1) reads only the input features ``inputs`` and ``3`` (fc2) writes
+  only the output features ``outputs``, which ``add_to`` index-adds into the
+  residual stream (DSP's per-group input subsets and filter-pruned fc2, as
+  ``convert.branched`` does for convs). Without them (None: every feature) it
+  is torchvision's module, state-dict keys included.
+
+  Args:
+    dim: token width.
+    hidden: kept hidden units.
+    inputs: fc1's input features (int64), None for all.
+    outputs: fc2's output features (int64), None for all.
+  """
+
+  def __init__(self, dim: int, hidden: int,
+               inputs: torch.Tensor | None = None,
+               outputs: torch.Tensor | None = None):
+    super().__init__(
+        nn.Linear(dim if inputs is None else len(inputs), hidden), nn.GELU(),
+        nn.Dropout(0.0),
+        nn.Linear(hidden, dim if outputs is None else len(outputs)),
+        nn.Dropout(0.0))
+    self.select, self.scatter = inputs is not None, outputs is not None
+    if inputs is not None:
+      self.register_buffer("inputs", inputs)
+    if outputs is not None:
+      self.register_buffer("outputs", outputs)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    if self.select:
+      x = x.index_select(x.dim() - 1, self.inputs)
+    for m in self:
+      x = m(x)
+    return x
+
+  def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The residual sum ``x + mlp`` with ``y`` (this MLP's output)."""
+    if self.scatter:
+      return x.index_add(x.dim() - 1, self.outputs, y)
+    return x + y
+
+
+# Per block: (hidden units, fc1 input features or None, fc2 outputs or None).
+MlpShape = tuple[int, Any, Any]
+
+
+def _mlp(dim: int, shape: int | MlpShape) -> SlimMlp:
+  if isinstance(shape, int):
+    return SlimMlp(dim, shape)
+  hidden, inputs, outputs = shape
+  idx = lambda a: None if a is None else torch.from_numpy(
+      np.asarray(a, np.int64))
+  return SlimMlp(dim, hidden, idx(inputs), idx(outputs))
 
 
 class SelfAttention(nn.Module):
@@ -61,7 +117,7 @@ class SelfAttention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  def __init__(self, dim: int, heads: int, hidden: int):
+  def __init__(self, dim: int, heads: int, hidden: int | MlpShape):
     super().__init__()
     self.ln_1 = nn.LayerNorm(dim, eps=vit_lib.LN_EPS)
     self.self_attention = SelfAttention(dim, heads)
@@ -70,7 +126,7 @@ class EncoderBlock(nn.Module):
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = x + self.self_attention(self.ln_1(x))
-    return x + self.mlp(self.ln_2(x))
+    return self.mlp.add_to(x, self.mlp(self.ln_2(x)))
 
 
 class Encoder(nn.Module):
@@ -161,7 +217,7 @@ class WindowAttention(nn.Module):
 
 class SwinBlock(nn.Module):
   def __init__(self, dim: int, heads: int, window: int, shift: int,
-               hidden: int, hw: tuple[int, int]):
+               hidden: int | MlpShape, hw: tuple[int, int]):
     super().__init__()
     self.norm1 = nn.LayerNorm(dim, eps=swin_lib.LN_EPS)
     self.attn = WindowAttention(dim, window, shift, heads, hw)
@@ -170,7 +226,7 @@ class SwinBlock(nn.Module):
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = x + self.attn(self.norm1(x))
-    return x + self.mlp(self.norm2(x))
+    return self.mlp.add_to(x, self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
@@ -257,8 +313,18 @@ def _fold_scale(folded: Mapping[str, Any], mlp: tuple[str, ...]) -> None:
   fc1["bias"] = np.asarray(fc1["bias"]) * np.asarray(scale)
 
 
-def torch_module(model: Any, hidden: Sequence[int]) -> nn.Module:
-  """The torch ViT / Swin of ``model``'s shape with MLP widths ``hidden``."""
+def _subset(keep: np.ndarray) -> np.ndarray | None:
+  """The kept positions (int64, ascending), None when every one is kept."""
+  return None if keep.all() else np.flatnonzero(keep).astype(np.int64)
+
+
+def torch_module(model: Any, hidden: Sequence[int | MlpShape]) -> nn.Module:
+  """The torch ViT / Swin of ``model``'s shape with MLP widths ``hidden``.
+
+  ``hidden[b]`` is block b's hidden units, or ``(units, fc1 inputs, fc2
+  outputs)`` for an MLP that reads / writes a subset of the token features
+  (``SlimMlp``).
+  """
   if isinstance(model, vit_lib.VisionTransformer):
     return TorchViT(model.image_size, model.patch_size, model.hidden_dim,
                     model.num_heads, hidden, model.num_classes)
@@ -282,7 +348,8 @@ def slim(model: Any, variables: Mapping[str, Any], image_size: int
     image_size: input height/width (the model's).
 
   Returns:
-    The torch module (eval, CPU) and ``{fc1 name: (units, kept)}``.
+    The torch module (eval, CPU) and ``{fc1 name: (units, kept)}`` (and
+    ``{fc2 name: (outputs, kept)}`` for an fc2 that writes a subset).
   """
   if model.image_size is not None and image_size != model.image_size:
     raise ValueError(f"{type(model).__name__} is built for {model.image_size}"
@@ -292,7 +359,7 @@ def slim(model: Any, variables: Mapping[str, Any], image_size: int
   v = jax_side.to_numpy_tree(dict(variables))
   keep = kept_hidden(model, v, image_size)
   folded = jax_side.to_numpy_tree(packing.apply_masks(v)[tables.PARAMS])
-  widths = {}
+  widths, shapes = {}, []
   for mlp, kept in keep.items():
     if not len(kept):
       raise ValueError(
@@ -306,10 +373,24 @@ def slim(model: Any, variables: Mapping[str, Any], image_size: int
     fc1["kernel"] = tables.slice_channels(fc1["kernel"], kept, 1)
     fc1["bias"] = tables.slice_channels(fc1["bias"], kept, 0)
     fc2["kernel"] = tables.slice_channels(fc2["kernel"], kept, 0)
+    # DSP: each group of fc1 units reads its own input features (fc1 reads
+    # their union, zeros where a group does not) and fc2 (the fp layer)
+    # writes only its kept outputs (a zero column and bias adds nothing).
+    inputs = _subset(np.any(fc1["kernel"] != 0, axis=1))
+    outputs = _subset(np.any(fc2["kernel"] != 0, axis=0) | (fc2["bias"] != 0))
+    if inputs is not None:
+      fc1["kernel"] = tables.slice_channels(fc1["kernel"], inputs, 0)
+    if outputs is not None:
+      widths[".".join(mlp + ("fc2",))] = (fc2["kernel"].shape[1], len(outputs))
+      fc2["kernel"] = tables.slice_channels(fc2["kernel"], outputs, 1)
+      fc2["bias"] = tables.slice_channels(fc2["bias"], outputs, 0)
+    shapes.append((len(kept), inputs, outputs))
   sd = transformers.to_torch(folded, model)
-  module = torch_module(model, [len(k) for k in keep.values()])
+  module = torch_module(model, [s[0] if s[1] is None and s[2] is None else s
+                                for s in shapes])
   for k, buf in module.state_dict().items():
-    if k.endswith(("relative_position_index", "attn_mask")):
+    if k.endswith(("relative_position_index", "attn_mask", "mlp.inputs",
+                   "mlp.outputs")):
       sd[k] = buf.numpy()
   module.load_state_dict({k: torch.from_numpy(np.array(x)) for k, x in
                           sd.items()})

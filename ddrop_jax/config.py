@@ -15,6 +15,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 CRITERIA = ("abs_gamma", "weight_norm", "activation")
 L1_MODES = ("uniform", "rank")
 PRUNE_SCOPES = ("ddrop_layers", "all")
+DENSE_DROPS = ("linear", "norm")
 
 # Network Slimming (Liu et al., ICCV 2017) uses this L1 strength on the
 # BatchNorm scales of CIFAR VGG/ResNets, the same penalty applied here. With
@@ -49,6 +50,11 @@ class DdropConfig:
     prune_scope: ``ddrop_layers`` (the DDROP layers only) or ``all`` (also
       every other conv+norm pair, e.g. convs feeding residual sums, as the
       reference code does).
+    dense_drop: where a hidden Linear unit that a LayerNorm follows (VGG's
+      CIFAR classifier) is dropped: ``linear`` (on the Linear's output, as
+      the reference: the norm then maps a dropped unit to its shift, not to
+      0) or ``norm`` (on the norm's output, so a dropped unit is 0 as after
+      pruning). Importance is the Linear's row norm either way.
   """
 
   prob: tuple[float, float] = (0.0, 0.95)
@@ -59,6 +65,7 @@ class DdropConfig:
   l1_mode: str = "uniform"
   amount: float = 0.5
   prune_scope: str = "ddrop_layers"
+  dense_drop: str = "linear"
 
   def __post_init__(self):
     prob = tuple(float(p) for p in self.prob)
@@ -75,6 +82,7 @@ class DdropConfig:
     _check_choice("criterion", self.criterion, CRITERIA)
     _check_choice("l1_mode", self.l1_mode, L1_MODES)
     _check_choice("prune_scope", self.prune_scope, PRUNE_SCOPES)
+    _check_choice("dense_drop", self.dense_drop, DENSE_DROPS)
     if self.total_steps is not None and (
         not isinstance(self.total_steps, int) or self.total_steps < 1):
       raise ValueError(f"ddrop.total_steps must be an integer >= 1 or None, "

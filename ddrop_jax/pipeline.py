@@ -200,8 +200,8 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
     state = train_stage("before", state, step_fn, d["before_epochs"])
 
   # 2. DDROP training.
-  layers = ddrop_layers(state.params)
   cfg = DdropConfig.from_engine(d).with_phase_steps(d["epochs"] * spe)
+  layers = ddrop_layers(state.params, dense_drop=cfg.dense_drop)
   env.report.merge({"ddrop": {
       "layers": [l.name for l in layers], "total_steps": cfg.total_steps,
       "amount": cfg.amount}})

@@ -59,7 +59,7 @@ def importance(layer: DdropLayer, params: Mapping[str, Any],
   """
   if criterion == "abs_gamma":
     if layer.kind == DENSE:
-      v = _row_sq_norm(_get(params, layer.path)["kernel"])
+      v = _row_sq_norm(_get(params, layer.producer)["kernel"])
     else:
       v = jnp.abs(_get(params, layer.path)["scale"])
   elif criterion == "weight_norm":

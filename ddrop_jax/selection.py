@@ -19,7 +19,9 @@ Rules, one per model family (spec section 2):
   before it in the same container) and every Linear child of ``classifier``
   except the last one, the output layer. A norm right after a hidden Linear
   (``classifier.1`` LayerNorm) is its *follower*: pruning zeros it with the
-  unit.
+  unit. The unit is dropped on the Linear's output (``dense_drop='linear'``,
+  the reference) or on the follower's (``'norm'``); its importance is the
+  Linear's row norm either way.
 * **ViT / Swin**: the per-unit scale ``mlp.dummy_norm`` (a 1-D ``scale``,
   ``models.transformer.DummyNorm``) after the first Linear of each MLP block,
   present when the model is built with ``mlp_scale=True``; its producer is
@@ -53,8 +55,8 @@ class DdropLayer:
 
   Attributes:
     path: module whose output is multiplied by the Bernoulli draws: a norm, or
-      a Linear for VGG's hidden classifier layers.
-    kind: ``norm`` or ``dense``.
+      for VGG's hidden classifier layers the Linear or its follower norm.
+    kind: ``norm`` or ``dense`` (a hidden Linear's unit, ranked by its row).
     units: number of units C (channels or neurons).
     producer: conv/Linear whose output unit c feeds unit c (``path`` itself
       for a dense layer); its filter/row and bias are zeroed by pruning.
@@ -231,8 +233,8 @@ def _as_params(model_or_params: Any, input_shape: tuple[int, ...] | None):
 
 
 def ddrop_layers(model_or_params: Any,
-                 input_shape: tuple[int, ...] | None = None
-                 ) -> tuple[DdropLayer, ...]:
+                 input_shape: tuple[int, ...] | None = None,
+                 dense_drop: str = "linear") -> tuple[DdropLayer, ...]:
   """The DDROP layers of a model, in natural path order.
 
   Args:
@@ -242,6 +244,8 @@ def ddrop_layers(model_or_params: Any,
     input_shape: NHWC input shape for a module; default
       ``(1, image_size, image_size, 3)`` with the module's ``image_size`` (or
       32).
+    dense_drop: ``linear`` or ``norm``: where a hidden Linear's unit with a
+      follower norm is dropped (``DdropConfig.dense_drop``).
 
   Returns:
     The layers (hashable, usable as static jit arguments).
@@ -262,6 +266,13 @@ def ddrop_layers(model_or_params: Any,
         "(or bn_a/bn_b), VGG 'features'/'classifier' containers, or "
         "transformer MLPs with a dummy_norm (build ViT/Swin with "
         f"mlp_scale=True); the model has top-level modules {tops}")
+  if dense_drop not in ("linear", "norm"):
+    raise ValueError(f"dense_drop must be one of linear, norm; got "
+                     f"{dense_drop!r}")
+  if dense_drop == "norm":
+    found = {k: dataclasses.replace(l, path=l.norm)
+             if l.kind == DENSE and l.norm is not None else l
+             for k, l in found.items()}
   return tuple(sorted(found.values(), key=lambda l: _natural_key(l.path)))
 
 

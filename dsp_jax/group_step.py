@@ -87,7 +87,7 @@ def init_group_state(variables: PyTree, gates: PyTree | None = None, *,
   params = variables["params"]
   return GroupState(
       step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=variables["batch_stats"], gates=gates,
+      batch_stats=variables.get("batch_stats", {}), gates=gates,
       opt_state=sgd_direction(momentum, weight_decay).init(params),
       gate_opt_state=gate_optimizer(gate_lr).init(gates), rng=rng)
 
@@ -168,7 +168,8 @@ def make_group_step(
           train=True, mutable=["batch_stats"], rngs={"dropout": rng})
       loss = optax.softmax_cross_entropy_with_integer_labels(
           logits, labels).mean()
-      return loss, (logits, new_vars["batch_stats"])
+      # A model without BatchNorm (a ViT) has no statistics to update.
+      return loss, (logits, new_vars.get("batch_stats", batch_stats))
     (loss, (logits, new_stats)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params)
     return loss, logits, new_stats, grads
@@ -210,14 +211,13 @@ def make_group_step(
     params1, opt_state = sgd(state.params, grads, state.opt_state, lr)
 
     # 3-5. Terms at θ, then the penalised θ (W_ck).
-    kernel = lambda tree, c: li.get(tree, c.path)["kernel"]
+    kernel = li.kernel  # HWIO view (a dense kernel as a 1x1 conv)
     terms = {c.path: reg.group_terms(kernel(params1, c), P[c.path], q)
              for c in info.convs}
     params_ck = params1
     for c in info.convs:
       w = kernel(params1, c) - rho * reg.penalty(terms[c.path], scales[c.path])
-      params_ck = li.replace(params_ck, c.path,
-                             {**li.get(params_ck, c.path), "kernel": w})
+      params_ck = li.with_kernel(params_ck, c, w)
 
     # 6. Look-ahead step on the same batch with a copy of the momentum.
     _, _, _, grads2 = loss_and_grads(params_ck, stats1, others, images,

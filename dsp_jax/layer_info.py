@@ -7,6 +7,13 @@ functions.
 A taking-part convolution is one that owns a ``gates/logits`` variable: the
 models create gates exactly for the convolutions that take part (every conv
 but the stem and the shortcut convs) when built with ``groups=G``.
+
+Dense layers take part when the model gives them gates (the vision
+transformers' MLP ``fc1`` / ``fc2``; never a classifier; the structure marks
+them, ``models.structure.LayerInfo.takes_part``). DSP treats a Dense
+kernel ``(I, O)`` applied to T tokens as a 1x1 convolution over a T x 1 map:
+``kernel_shape (1, 1, I, O)``, ``in_shape (T, 1, I)``, ``flops I*O*T``, so
+every algorithm reads it through ``kernel`` (the HWIO view) unchanged.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ class ConvInfo:
   Attributes:
     path: module path in the variable trees (e.g. ``('stage_1', '0',
       'conv_a')``).
-    kernel_shape: HWIO kernel shape ``(k, k, I, O)``.
-    in_shape: input shape of one image (H, W, I).
+    kernel_shape: HWIO kernel shape ``(k, k, I, O)``; ``(1, 1, I, O)`` for a
+      dense layer.
+    in_shape: input shape of one image (H, W, I); ``(tokens, 1, I)`` for a
+      dense layer.
     out_shape: output shape of one image (H', W', O).
     norm: path of the BatchNorm that consumes this conv's output, if any.
   """
@@ -152,12 +161,16 @@ def analyze(model: nn.Module, image_shape: Sequence[int],
     raise ValueError(
         f"{type(model).__name__} has no DSP gates: build it with groups=G")
   st = structure.analyze(model, tuple(image_shape[:2]), image_shape[2])
+  taking = st.taking_part
   convs = []
-  for l in st.taking_part:
+  for l in taking:
     k = l.kernel_size
+    in_hw, out_hw = tuple(l.in_hw), tuple(l.out_hw)
+    if l.kind == "dense":  # tokens x 1 map (structure: macs = I*O*tokens)
+      in_hw = out_hw = (l.macs // (l.in_features * l.out_features), 1)
     convs.append(ConvInfo(
         tuple(l.path), (k[0], k[1], l.in_features, l.out_features),
-        tuple(l.in_hw) + (l.in_features,), tuple(l.out_hw) + (l.out_features,),
+        in_hw + (l.in_features,), out_hw + (l.out_features,),
         None if l.norm is None else tuple(l.norm)))
   if {c.path for c in convs} != gate_paths:
     raise ValueError(
@@ -165,8 +178,12 @@ def analyze(model: nn.Module, image_shape: Sequence[int],
         f"on {sorted('.'.join(p) for p in gate_paths)}, taking part "
         f"{['.'.join(c.path) for c in convs]}")
   mixed_by = getattr(st, "mixed_by", {})
-  for l in st.taking_part:
-    if l.path in st.mixed:
+  for l in taking:
+    if l.path in st.outputs:
+      raise ValueError(f"{l.name}: its output reaches the logits directly; "
+                       "the classifier never takes part in DSP (spec §0): "
+                       "build it without groups")
+    if l.path in st.mixed and mixed_by.get(l.path) not in READS_ALL_CHANNELS:
       raise ValueError(
           f"{l.name}: its output channels reach the operation "
           f"{mixed_by.get(l.path, 'unknown')!r}, which mixes channels in a way "
@@ -181,12 +198,19 @@ def analyze(model: nn.Module, image_shape: Sequence[int],
                    derived_fp(st), st)
 
 
+# Channel-mixing operations that read every channel reaching them (a norm's
+# statistics over the channel axis, a channel concatenation): the structure
+# keeps all those channels alive, which is what their gradients say.
+READS_ALL_CHANNELS = frozenset({"reduce_sum", "concatenate"})
+
+
 def derived_fp(st: Any) -> tuple[int, ...]:
   """fp layer indices of a structure (spec §3, derived rather than set).
 
   The last conv of every residual block's main branch (every 2nd taking-part
-  conv of basic blocks, every 3rd of bottlenecks); for a network without
-  residual sums, every taking-part conv.
+  conv of basic blocks, every 3rd of bottlenecks; a transformer MLP's fc2,
+  whose output feeds the residual sum); for a network without residual sums,
+  every taking-part conv.
 
   Args:
     st: a ``models.structure.ModelStructure``.
@@ -211,6 +235,23 @@ def _lookup(tree, path: Path):
   for k in path:
     tree = tree[k]
   return tree
+
+
+def kernel(tree, conv: ConvInfo):
+  """The layer's kernel in ``tree`` (params or grads) viewed as HWIO.
+
+  A conv kernel is returned as it is; a dense ``(I, O)`` kernel as the
+  ``(1, 1, I, O)`` kernel of the equivalent 1x1 convolution.
+  """
+  return _lookup(tree, conv.path)["kernel"].reshape(conv.kernel_shape)
+
+
+def with_kernel(tree, conv: ConvInfo, value):
+  """A copy of ``tree`` with the layer's kernel set from an HWIO ``value``
+  (reshaped back to the stored layout: ``(I, O)`` for a dense layer)."""
+  node = _lookup(tree, conv.path)
+  shape = node["kernel"].shape
+  return replace(tree, conv.path, {**node, "kernel": value.reshape(shape)})
 
 
 def get(tree, path: Path):

@@ -371,7 +371,9 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
       lr_schedule=dsp_jax.cycle_schedule(d["finetune_lr"], epochs, spe))
   eval_fn = pipeline.make_evaluator(config, env, model)
   for cycle in range(d["cycles"]):
-    start = {"params": res.params, "batch_stats": variables["batch_stats"],
+    # A model without BatchNorm (a ViT) has no statistics.
+    start = {"params": res.params,
+             "batch_stats": variables.get("batch_stats", {}),
              "masks": res.masks, "gates": gates}
     state = _state(model, tx, config, env, start, masks=True, gates=True)
     name = f"prune_finetune/cycle_{cycle + 1}"
@@ -382,7 +384,7 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
     _, _, _, cand = jax_side.load_stage_checkpoint(env.workdir / name)
     acc = float(result.best[config["select_on"]]["accuracy"])
     new_best = dsp_jax.update_best(best, acc, cycle + 1, cand["params"],
-                                   cand["batch_stats"], res.p_flops)
+                                   cand.get("batch_stats", {}), res.p_flops)
     if new_best is not best:
       best, best_res, best_vars = new_best, res, cand
       best_test = _test_acc(result.best)

@@ -103,7 +103,8 @@ class _Flow:
     space; a layer's output channel is constant when no kept kernel reads a
     non-zero input; after a norm a constant channel is its masked β
     (train-mode statistics), and a norm followed by ReLU (a producer alone in
-    its space) makes it zero when that β ≤ 0; without a norm it is its bias.
+    its space) makes it zero when that β ≤ 0; without a norm it is its bias
+    (masked, as the layer masks it: zero once no kernel of the unit is kept).
   * backward, in reverse call order: a channel of a space is used when a
     kept kernel of a reader whose output is used reads it (spaces that reach
     the logits or a channel-mixing operation are always used); a layer's
@@ -169,6 +170,10 @@ class _Flow:
           zero = block = off | (const[p] & (value <= 0))
       else:
         b = self.bias[p]
+        if b is not None and p in self.tp:
+          # A layer masks its bias with its kernel (models.layers): a unit
+          # with no kept kernel left outputs 0, not its bias.
+          b = b * np.max(masks[self.tp[p]], axis=0)
         zero = const[p] & (True if b is None else b == 0)
         block = np.zeros((l.out_features,), bool)
       zero_out[p], blocked[p] = zero, block
@@ -241,7 +246,7 @@ class Pruner:
       if groups > c.out_features:
         raise ValueError(f"{c.name}: groups={groups} exceeds its "
                          f"{c.out_features} filters")
-      w = np.asarray(li.get(params, c.path)["kernel"], np.float64)
+      w = np.asarray(li.kernel(params, c), np.float64)  # HWIO view
       logits = np.asarray(li.get(gates, c.path)["logits"])
       # H = one_hot(argmax_g A), ties to the lowest group (as gates.py).
       hard = np.eye(groups)[:, np.argmax(logits, axis=0)]
@@ -327,10 +332,8 @@ class Pruner:
     table = []
     for l, (e, m) in enumerate(zip(self.layers, masks)):
       c = e["conv"]
-      node = li.get(params, c.path)
-      w = np.asarray(node["kernel"]) * m[None, None].astype(
-          np.asarray(node["kernel"]).dtype)
-      params = li.replace(params, c.path, {**node, "kernel": w})
+      k = np.asarray(li.kernel(params, c))
+      params = li.with_kernel(params, c, k * m[None, None].astype(k.dtype))
       mnode = li.get(mask_tree, c.path)
       mask_tree = li.replace(mask_tree, c.path,
                              {**mnode, "kernel": m.astype(mnode["kernel"].dtype)})

@@ -1,6 +1,7 @@
 """The DSP group regulariser of one layer (spec §2.2), as pure functions.
 
-Shapes: ``W`` is one conv kernel in HWIO layout ``(k, k, I, O)``; ``P`` is a
+Shapes: ``W`` is one conv kernel in HWIO layout ``(k, k, I, O)`` (a dense
+kernel as ``(1, 1, I, O)``, see ``layer_info.kernel``); ``P`` is a
 group assignment ``(G, O)`` (soft or hard). The per-group quantities carry a
 leading group axis: ``ell (G, I)``, ``N, D (G, k, k, I, O)``, ``d, ds (G, O)``,
 ``s (G,)``.
@@ -132,9 +133,8 @@ def penalise(params: PyTree, assignments: dict, rho: Array,
     The penalised params.
   """
   for conv in info.convs:
-    node = li.get(params, conv.path)
-    W = node["kernel"]
+    W = li.kernel(params, conv)
     terms = group_terms(W, assignments[conv.path], q)
     W = W - rho * penalty(terms, layer_scale(conv, groups)).astype(W.dtype)
-    params = li.replace(params, conv.path, {**node, "kernel": W})
+    params = li.with_kernel(params, conv, W)
   return params

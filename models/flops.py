@@ -235,7 +235,7 @@ def format_table(rep: FlopsReport) -> str:
         f"{r.kernels_alive:>6}/{r.kernels:<6} {r.macs:>13,}/{r.macs_dense:<13,}"
         f" {r.params:>10,}/{r.params_dense:<10,}")
   lines.append("-" * len(head))
-  lines.append("DSP measure (taking-part convs): P.FLOPS "
+  lines.append("DSP measure (taking-part layers): P.FLOPS "
                f"{rep.dsp_pflops:.2f} %"
                f", P.PARAMS {rep.dsp_pparams:.2f} %")
   lines.append(f"whole model: MACs {rep.macs:,} / {rep.macs_dense:,} "

@@ -9,7 +9,8 @@ collections of its own:
   both scale and bias. Masks are created by ``init`` (all ones) and are
   optional at ``apply``: without them the layer is dense.
 * ``gates``   DSP group logits of shape ``(groups, out_features)`` for the
-  convolutions that take part in DSP; created only when ``groups`` is given.
+  convolutions (and transformer MLP Linears) that take part in DSP; created
+  only when ``groups`` is given.
 * ``ddrop``   DDROP keep probabilities ``(features,)``; when present and
   ``train`` is true the layer output is multiplied by one Bernoulli draw per
   sample and unit from the ``'ddrop'`` rng (no 1/keep rescaling).
@@ -57,6 +58,22 @@ def _optional_variable(module: nn.Module, col: str, name: str, init_fn, *args):
   if module.is_initializing() or module.has_variable(col, name):
     return module.variable(col, name, init_fn, *args).value
   return None
+
+
+def _group_gates(module: nn.Module, groups: int | None, features: int) -> None:
+  """DSP's ``gates/logits`` ``(groups, features)`` (zeros) when ``groups`` is set.
+
+  Gates only feed DSP's regulariser, never the forward pass: optional at
+  apply.
+  """
+  if groups is None:
+    return
+  if not 1 <= groups <= features:
+    raise ValueError(
+        f"{'/'.join(module.scope.path)}: groups must be in [1, {features}]"
+        f" (the layer has {features} filters), got {groups}")
+  _optional_variable(module, GATES, "logits", jnp.zeros, (groups, features),
+                     module.param_dtype)
 
 
 def unit_dropout(module: nn.Module, y: Array, train: bool) -> Array:
@@ -112,14 +129,7 @@ class Conv(nn.Module):
                         (k, k, in_features, self.features), self.param_dtype)
     mask = _optional_variable(self, MASKS, "kernel", jnp.ones,
                               (in_features, self.features), self.param_dtype)
-    if self.groups is not None:
-      if not 1 <= self.groups <= self.features:
-        raise ValueError(
-            f"{'/'.join(self.scope.path)}: groups must be in [1, {self.features}]"
-            f" (the layer has {self.features} filters), got {self.groups}")
-      # Gates only feed DSP's regulariser, never the forward pass: optional at apply.
-      _optional_variable(self, GATES, "logits", jnp.zeros,
-                         (self.groups, self.features), self.param_dtype)
+    _group_gates(self, self.groups, self.features)
     if mask is not None:
       kernel = kernel * mask[None, None]
     dtype = jnp.result_type(x.dtype, kernel.dtype)
@@ -144,6 +154,15 @@ class Dense(nn.Module):
   Initialised as ``torch.nn.Linear`` unless ``kernel_init``/``bias_init`` are
   given. A bias entry is masked with its output unit (a unit with no input
   left is removed whole).
+
+  Attributes:
+    features: output units.
+    use_bias: add a bias.
+    kernel_init, bias_init: initialisers (None: ``torch.nn.Linear``'s).
+    param_dtype: dtype of created variables.
+    groups: DSP group count; when set, a ``gates/logits`` variable of shape
+      ``(groups, features)`` is created exactly as ``Conv``'s (DSP treats the
+      ``(I, O)`` kernel as a 1x1 convolution over the tokens).
   """
 
   features: int
@@ -151,6 +170,7 @@ class Dense(nn.Module):
   kernel_init: Initializer | None = None
   bias_init: Initializer | None = None
   param_dtype: Any = jnp.float32
+  groups: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -160,6 +180,7 @@ class Dense(nn.Module):
                         (in_features, self.features), self.param_dtype)
     mask = _optional_variable(self, MASKS, "kernel", jnp.ones,
                               (in_features, self.features), self.param_dtype)
+    _group_gates(self, self.groups, self.features)
     if mask is not None:
       kernel = kernel * mask
     dtype = jnp.result_type(x.dtype, kernel.dtype)

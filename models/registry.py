@@ -122,6 +122,15 @@ register("cifar_vgg_tiny", "vgg", functools.partial(
     _tiny, vgg.VGG,
     dict(config=(4, "M", 8, 8, "M", 16, "M"), head="cifar", hidden=16,
          image_size=32)), 32, tiny=True)
+# Trains on the digits in a few hundred SGD steps at lr 0.1. The Linears under
+# the LayerNorms are scale-invariant, so their effective step grows as their
+# rows shrink: 0.01 * sqrt(512 / 32) gives the rows of the 512-wide original's
+# norm (with 0.01 training stalls for hundreds of steps, seed-dependently), and
+# the classifier's Dropout 0.5 on 32 units stalls it too.
+register("cifar_vgg_small", "vgg", functools.partial(
+    _tiny, vgg.VGG,
+    dict(config=(8, "M", 16, 16, "M", 32, 32, "M"), head="cifar", hidden=32,
+         dropout_rate=0.0, linear_std=0.04, image_size=32)), 32, tiny=True)
 
 
 # Vision transformers (torchvision architectures; DDROP's ViT/Swin).

@@ -26,8 +26,9 @@ read from module classes or names except the variable paths themselves:
   length the one holding the later-called conv is the shortcut.
 
 The only convention that is not derived is DSP's choice of taking-part layers
-(spec dsp.md section 0: every conv but the first one and the shortcut convs),
-which is a property of the method, not of the model.
+(spec dsp.md section 0: every conv but the first one and the shortcut convs,
+plus the dense layers the model gives DSP gates, the transformers' MLP
+Linears), which is a property of the method, not of the model.
 
 ``dead_channels(structure, masks, params)`` then tells which output channels of
 every producer cannot affect the logits under given masks.
@@ -86,7 +87,8 @@ class LayerInfo:
     params: parameter count (kernel + bias; scale + bias for a norm).
     stem: the first conv of the model (it reads the image).
     shortcut: a conv inside a residual shortcut branch (or its norm).
-    takes_part: DSP section 0: a conv that is neither the stem nor a shortcut.
+    takes_part: DSP section 0: a conv that is neither the stem nor a shortcut,
+      or a dense layer that owns ``gates/logits`` (a transformer MLP Linear).
     block_last: last conv of a residual block's main branch.
     inputs: producer layers whose output channels reach this layer's input
       (channel-aligned unless ``aligned`` is false); empty for the stem.
@@ -212,7 +214,7 @@ class ModelStructure:
 
   @property
   def taking_part(self) -> list[LayerInfo]:
-    """DSP's taking-part convs (spec dsp.md section 0), in call order."""
+    """DSP's taking-part layers (spec dsp.md section 0), in call order."""
     return self._select(lambda l: l.takes_part)
 
   @property
@@ -655,6 +657,12 @@ def _analyze(model, hw: tuple[int, int], channels: int) -> ModelStructure:
   for p in convs:
     r = recs[p]
     r["takes_part"] = not r.get("stem") and not r.get("shortcut")
+  # Dense layers take part when the model gives them DSP gates (the vision
+  # transformers' MLP fc1 / fc2 built with ``groups``).
+  gated = frozenset(p[1:-1] for p in paths if p[0] == "gates")
+  for p in producers:
+    if recs[p]["kind"] == "dense" and p in gated:
+      recs[p]["takes_part"] = True
   layers = {p: LayerInfo(**r) for p, r in recs.items()}
   return ModelStructure(layers=layers, blocks=tuple(blocks), spaces=spaces,
                         outputs=out_flow, mixed=frozenset(walker.mixed),

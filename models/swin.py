@@ -63,6 +63,7 @@ class SwinBlock(nn.Module):
   mlp_ratio: float = 4.0
   mlp_scale: bool = False
   param_dtype: Any = jnp.float32
+  groups: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -76,7 +77,7 @@ class SwinBlock(nn.Module):
     y = layers.LayerNorm(LN_EPS, dt, name="norm2")(x)
     y = Mlp(int(c * self.mlp_ratio), self.mlp_scale, kernel_init=linear_init,
             bias_init=nn.initializers.zeros, param_dtype=dt,
-            name="mlp")(y, train)
+            groups=self.groups, name="mlp")(y, train)
     return x + y
 
 
@@ -154,13 +155,14 @@ class _Stage(nn.Module):
   mlp_ratio: float
   mlp_scale: bool
   param_dtype: Any
+  groups: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for j in range(self.depth):
       x = SwinBlock(self.heads, self.window, 0 if j % 2 == 0 else
                     self.window // 2, self.mlp_ratio, self.mlp_scale,
-                    self.param_dtype, name=str(j))(x, train)
+                    self.param_dtype, self.groups, name=str(j))(x, train)
     return x
 
 
@@ -173,6 +175,7 @@ class _Features(nn.Module):
   mlp_ratio: float
   mlp_scale: bool
   param_dtype: Any
+  groups: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -181,7 +184,7 @@ class _Features(nn.Module):
     index = 1
     for s, (depth, heads) in enumerate(zip(self.depths, self.heads)):
       x = _Stage(depth, heads, self.window, self.mlp_ratio, self.mlp_scale,
-                 dt, name=str(index))(x, train)
+                 dt, self.groups, name=str(index))(x, train)
       index += 1
       if s + 1 < len(self.depths):
         x = PatchMerging(dt, name=str(index))(x)
@@ -204,6 +207,9 @@ class SwinTransformer(nn.Module):
     num_classes: head outputs.
     mlp_scale: add DDROP's ``dummy_norm`` after every ``fc1``.
     param_dtype: dtype of the variables.
+    groups: DSP group count: every MLP's ``fc1`` and ``fc2`` get
+      ``gates/logits``; attention, patch embedding/merging and head never
+      do. None (default): no gates, the plain model.
   """
 
   image_size: int | None = 224
@@ -216,6 +222,7 @@ class SwinTransformer(nn.Module):
   num_classes: int = 1000
   mlp_scale: bool = False
   param_dtype: Any = jnp.float32
+  groups: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -231,7 +238,7 @@ class SwinTransformer(nn.Module):
     dt = self.param_dtype
     x = _Features(self.patch_size, self.embed_dim, tuple(self.depths),
                   tuple(self.num_heads), self.window_size, self.mlp_ratio,
-                  self.mlp_scale, dt, name="features")(x, train)
+                  self.mlp_scale, dt, self.groups, name="features")(x, train)
     x = layers.LayerNorm(LN_EPS, dt, name="norm")(x)
     x = jnp.mean(x, axis=(1, 2))
     return layers.Dense(self.num_classes, kernel_init=linear_init,

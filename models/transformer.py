@@ -5,6 +5,8 @@
   keep probabilities and draws act on its output.
 * ``Mlp``: ``fc1`` (Dense) -> [``dummy_norm``] -> GELU -> ``fc2`` (Dense);
   the hidden units are ``fc1``'s outputs, the units DDROP drops and prunes.
+  With ``groups=G`` both Linears carry DSP gates (DSP treats each as a 1x1
+  convolution over the tokens).
 * ``Attention``: multi-head attention over a token axis from separate
   ``query``, ``key`` and ``value`` Dense layers and an output projection (the
   fused PyTorch ``qkv`` / ``in_proj`` weights are split on import, merged on
@@ -57,6 +59,9 @@ class Mlp(nn.Module):
     scale: insert the DDROP ``dummy_norm`` after fc1.
     kernel_init, bias_init: Dense initialisers (None: torch.nn.Linear's).
     param_dtype: dtype of the variables.
+    groups: DSP group count: fc1 and fc2 get ``gates/logits`` (they are the
+      block's layers that take part in DSP; fc2, whose output feeds the
+      residual sum, is its filter-pruned layer). None: no gates.
   """
 
   hidden: int
@@ -64,11 +69,15 @@ class Mlp(nn.Module):
   kernel_init: Callable[..., Array] | None = None
   bias_init: Callable[..., Array] | None = None
   param_dtype: Any = jnp.float32
+  groups: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
+    if self.groups is not None and self.scale:
+      raise ValueError(f"{'/'.join(self.scope.path)}: DSP groups and DDROP's "
+                       "mlp_scale are exclusive; build the model with one")
     kw = dict(kernel_init=self.kernel_init, bias_init=self.bias_init,
-              param_dtype=self.param_dtype)
+              param_dtype=self.param_dtype, groups=self.groups)
     y = layers.Dense(self.hidden, name="fc1", **kw)(x)
     if self.scale:
       y = DummyNorm(self.param_dtype, name="dummy_norm")(y, train)

@@ -19,7 +19,7 @@ paths are ``features.0`` (conv), ``features.1`` (BN), ``features.3`` (conv)
 
 Initialisation is torchvision's VGG init for both heads: conv kaiming normal
 (fan_out, ReLU), conv bias 0, BN and LayerNorm 1/0, Linear N(0, 0.01), bias
-0. Hidden Linear and LayerNorm layers receive ``train`` so DDROP can act on
+0 (``linear_std`` changes the 0.01). Hidden Linear and LayerNorm layers receive ``train`` so DDROP can act on
 them; the output Linear does not (class logits are never dropped).
 
 Every conv except the first (the stem) takes part in DSP and gets ``groups``.
@@ -48,7 +48,7 @@ CONFIGS: dict[int, tuple[int | str, ...]] = {
          512, "M", 512, 512, 512, 512, "M"),
 }
 
-linear_init = nn.initializers.normal(0.01)
+LINEAR_STD = 0.01  # torchvision's Linear init, N(0, 0.01)
 
 
 def adaptive_pool_matrix(size: int, out: int) -> np.ndarray:
@@ -122,6 +122,7 @@ class Classifier(nn.Module):
     layer_norm: insert a LayerNorm after each hidden Linear (CIFAR head).
     num_hidden: number of hidden blocks.
     dropout_rate: Dropout rate (uses the ``'dropout'`` rng in training).
+    linear_std: std of the Linear layers' normal initialisation.
     param_dtype: dtype of the variables.
   """
 
@@ -130,11 +131,13 @@ class Classifier(nn.Module):
   layer_norm: bool
   num_hidden: int = 2
   dropout_rate: float = 0.5
+  linear_std: float = LINEAR_STD
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    dense = dict(kernel_init=linear_init, bias_init=nn.initializers.zeros,
+    dense = dict(kernel_init=nn.initializers.normal(self.linear_std),
+                 bias_init=nn.initializers.zeros,
                  param_dtype=self.param_dtype)
     index = 0
     for _ in range(self.num_hidden):
@@ -162,6 +165,8 @@ class VGG(nn.Module):
     hidden: hidden width; None means 4096 (ImageNet) or the last conv width
       (CIFAR: 512).
     dropout_rate: rate of the classifier's Dropout layers.
+    linear_std: std of the classifier Linears' normal init (torchvision:
+      0.01).
     pool_size: ImageNet head's adaptive pool output size.
     groups: DSP group count for every conv but the first; None: no gates.
     image_size: expected input height/width; None accepts any size that
@@ -174,6 +179,7 @@ class VGG(nn.Module):
   head: str = "imagenet"
   hidden: int | None = None
   dropout_rate: float = 0.5
+  linear_std: float = LINEAR_STD
   pool_size: int = 7
   groups: int | None = None
   image_size: int | None = None
@@ -204,7 +210,7 @@ class VGG(nn.Module):
       hidden, layer_norm = self.hidden or convs[-1], True
     return Classifier(hidden, self.num_classes, layer_norm,
                       dropout_rate=self.dropout_rate,
-                      param_dtype=self.param_dtype, name="classifier")(x, train)
+                      linear_std=self.linear_std, param_dtype=self.param_dtype, name="classifier")(x, train)
 
 
 def vgg(depth: int, num_classes: int = 1000, **overrides: Any) -> VGG:

@@ -60,7 +60,7 @@ def test_fast_model_equals_masked_jax(name, groups, fmt):
   got = dsp.torch_logits(fast.build_torch(spec, plan), x)
   assert np.abs(got - want).max() <= tol
   # More than one formulation is in use, and the model saves MACs.
-  assert len(plan.info["formulations"]) > 1 or groups == 1
+  assert len(plan.large.info["formulations"]) > 1 or groups == 1
   params, apply = fast_jax.compact(spec)
   if groups == 4:
     assert np.abs(np.asarray(jax.jit(apply)(params, x)) - want).max() <= tol
@@ -76,11 +76,20 @@ def test_export_writes_fast_files_that_load_without_project_code(tmp_path):
   r = fast.export_fast(spec, tmp_path, x, want)
   assert set(r.max_abs_diff) == {fast.FAST, fast.FAST_PROGRAM}
   assert max(r.max_abs_diff.values()) <= ATOL
-  prog = torch.export.load(str(tmp_path / fast.FAST_PROGRAM)).module()
-  for b in (1, 3):  # the program's batch is dynamic
-    assert np.abs(dsp.torch_logits(prog, x[:b]) - want[:b]).max() <= ATOL
   plan = fast.Plan.load(tmp_path / fast.FAST_PLAN)
   assert plan.method == "cost_model" and plan.pruned
+  # Gathers cost more in channels_last; its convs less at large batches.
+  assert plan.regimes["small"].memory_format == "nchw"
+  assert plan.large.memory_format == "channels_last" and plan.dispatches()
+  assert "batch <= 8: nchw" in r.notes[-1]
+  # Batches on both sides of the threshold: each regime's module.
+  big = np.concatenate([x] * 3)[:plan.threshold + 1]
+  big_want = np.concatenate([want] * 3)[:plan.threshold + 1]
+  np.savez(tmp_path / "big.npz", images_nchw=big.transpose(0, 3, 1, 2),
+           logits=big_want)
+  prog = torch.export.load(str(tmp_path / fast.FAST_PROGRAM)).module()
+  for xb, wb in ((x[:1], want[:1]), (x, want), (big, big_want)):
+    assert np.abs(dsp.torch_logits(prog, xb) - wb).max() <= ATOL
   dense = fast_specs.from_packed(jax_side.plan_from_variables(
       {k: v[k] for k in ("params", "batch_stats")}), "d")
   assert plan.info["macs"] < 0.8 * fast.spec_macs(dense)
@@ -91,13 +100,20 @@ def test_export_writes_fast_files_that_load_without_project_code(tmp_path):
       "  sys.modules[m] = None\n"
       "import numpy as np, torch\n"
       f"m = torch.jit.load({str(tmp_path / fast.FAST)!r})\n"
-      f"io = np.load({str(tmp_path / dsp.REFERENCE_IO)!r})\n"
-      "with torch.no_grad():\n"
-      "  y = m(torch.from_numpy(io['images_nchw'])).numpy()\n"
-      "print(float(np.abs(y - io['logits']).max()))\n")
+      "for f in ('reference_io.npz', 'big.npz'):\n"
+      "  io = np.load(f)\n"
+      "  for n in (1, len(io['logits'])):\n"
+      "    with torch.no_grad():\n"
+      "      y = m(torch.from_numpy(io['images_nchw'][:n])).numpy()\n"
+      "    print(n, float(np.abs(y - io['logits'][:n]).max()))\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                        text=True, check=True, cwd=tmp_path)
-  assert float(out.stdout.strip()) <= ATOL
+  got = dict(line.split() for line in out.stdout.splitlines())
+  assert set(got) == {"1", "3", str(plan.threshold + 1)}
+  assert max(map(float, got.values())) <= ATOL
+  # Frozen, the module keeps both regimes: NCHW, and a channels_last copy.
+  code = torch.jit.load(str(tmp_path / fast.FAST)).code
+  assert code.count("memory_format=2") == 1 and "if " in code
 
 
 @pytest.mark.shared
@@ -225,8 +241,7 @@ def test_each_formulation_is_chosen_somewhere_and_exact(formulation):
            np.zeros(5, np.float32))]
   spec = fast.NetSpec("t", hw, 3, [stem, fast.BlockSpec("b", main, None, 64)],
                       None, head)
-  plan = fast.Plan("t", spec.fingerprint(), torch.__version__, "cost_model",
-                   fmt, {"c": choice[0]})
+  plan = fast.Regime(128, fmt, {"c": choice[0]})
   x = torch.randn(2, 3, hw, hw)
   with torch.no_grad():
     want = _reference(spec, x).numpy()
@@ -242,7 +257,20 @@ def test_plan_json_round_trip(tmp_path):
   model, v = dsp_pruned("cifar_resnet20", 2)
   spec = fast_specs.from_packed(jax_side.plan_from_variables(v), "r20")
   plan = fast.make_plan(spec)
-  assert fast.Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+  assert set(plan.regimes) == set(fast.REGIMES) and plan.dispatches()
+  assert plan.threshold == fast.SMALL_BATCH_MAX
+  assert {k: r.batch for k, r in plan.regimes.items()} == fast.REGIMES
+  d = json.loads(json.dumps(plan.to_json()))
+  assert d["version"] == fast.PLAN_VERSION == 2 and d["threshold"] == 8
+  assert {d["regimes"][k]["memory_format"] for k in d["regimes"]} == set(
+      fast.MEMORY_FORMATS)
+  assert fast.Plan.from_json(d) == plan
+  # Regimes lowering alike give one module, without a dispatch.
+  small = fast.Regime(1, plan.memory_format, plan.layers)
+  same = fast.Plan(plan.model, plan.fingerprint, plan.torch_version,
+                   plan.method, {"small": small, "large": plan.large})
+  assert not same.dispatches()
+  assert "if " not in fast.script(spec, same).code
   plan.save(tmp_path / "p.json")
   assert fast.Plan.load(tmp_path / "p.json") == plan
   # A saved plan is what the builder uses: the same module comes out.
@@ -254,9 +282,13 @@ def test_plan_json_round_trip(tmp_path):
 def test_tuning_times_candidates_and_caches(tmp_path):
   model, v = dsp_pruned("cifar_resnet8", 4)
   spec = fast_specs.from_packed(jax_side.plan_from_variables(v), "r8")
-  plan = fast.make_plan(spec, tune=True, batches=(1, 4), repeats=1)
-  assert plan.method == "tuned"
-  assert set(plan.info["seconds_per_image"]) == set(fast.MEMORY_FORMATS)
+  plan = fast.make_plan(spec, tune=True, batches={"small": 1, "large": 4},
+                        threshold=2, repeats=1)
+  assert plan.method == "tuned" and plan.threshold == 2
+  for k, b in (("small", 1), ("large", 4)):
+    assert plan.regimes[k].batch == b
+    assert set(plan.regimes[k].info["seconds_per_image"]) == set(
+        fast.MEMORY_FORMATS)
   plan.save(tmp_path / fast.FAST_PLAN)
   again = fast.make_plan(spec, tune=True, cache=tmp_path / fast.FAST_PLAN)
   assert again == plan  # reused, not re-timed
@@ -281,6 +313,16 @@ def test_cached_plan_for_another_model_or_torch_is_ignored(tmp_path):
   path.write_text("{not json")
   with pytest.warns(UserWarning, match="unreadable"):
     fast.make_plan(s2, cache=path)
+  # A plan of version 1 (one memory format for every batch) is re-planned.
+  old = fast.make_plan(s2).to_json()
+  large = old.pop("regimes")["large"]
+  old.update(version=1, memory_format=large["memory_format"],
+             layers=large["layers"])
+  del old["threshold"]
+  path.write_text(json.dumps(old))
+  with pytest.warns(UserWarning, match="plan version 1, expected 2"):
+    plan = fast.make_plan(s2, cache=path)
+  assert plan == fast.make_plan(s2)
 
 
 def test_nothing_pruned_is_the_folded_dense_model(tmp_path, capsys):
@@ -294,12 +336,13 @@ def test_nothing_pruned_is_the_folded_dense_model(tmp_path, capsys):
   assert not (tmp_path / "out" / fast.FAST_PROGRAM).exists()
   plan = fast.Plan.load(tmp_path / "out" / fast.FAST_PLAN)
   assert not plan.pruned
-  assert set(plan.info["formulations"]) == {"union"}
+  assert set(plan.large.info["formulations"]) == {"union"}
   ts = torch.jit.load(str(tmp_path / "out" / fast.FAST))
   code = ts.code
-  # One conv per dense conv (7 in ResNet-8 + 2 shortcuts), BN folded into
-  # them, no gathers or index-adds.
-  assert code.count("conv2d(") + code.count("_convolution(") == 9
+  # Per regime, one conv per dense conv (7 in ResNet-8 + 2 shortcuts), BN
+  # folded into them, no gathers or index-adds.
+  assert code.count("conv2d(") + code.count("_convolution(") == 9 * (
+      2 if plan.dispatches() else 1)
   for op in ("index_select", "index_add", "batch_norm"):
     assert op not in code
   sd = dsp.dense_state_dict(v)

@@ -237,3 +237,34 @@ def test_vgg_linear_units_are_dropped_and_pruned_with_their_layernorm():
     assert np.all(np.asarray(m[ln]["scale"]) == ~dead)
     assert np.all(np.asarray(p[ln]["scale"])[dead] == 0)
   assert np.all(np.asarray(m["8"]["kernel"]) == 1)  # output layer untouched
+
+
+def test_vgg_dense_drop_at_norm_zeroes_dropped_units_like_pruning():
+  model = TinyVgg()
+  variables = init(model)
+  linear = dd.ddrop_layers(variables)
+  at_norm = dd.ddrop_layers(variables, dense_drop="norm")
+  # the hidden Linears' units move to their LayerNorms; ranks and pruning
+  # still follow the Linear rows
+  assert names(at_norm) == ["classifier.1", "classifier.5", "features.1",
+                            "features.4"]
+  for a, b in zip(linear[:2], at_norm[:2]):
+    assert b.kind == "dense" and b.producer == a.path and b.norm == b.path
+  cfg = dd.DdropConfig(prob=(0.0, 0.0), amount=0.5, total_steps=1,
+                       dense_drop="norm")
+  keep = dd.keep_probabilities(variables["params"], None, 0, cfg, at_norm)
+  # keep = 0: the second norm's output is 0, so only the output bias is left
+  # (dropped on the Linear instead, relu(LayerNorm bias) would pass).
+  out = model.apply({**variables, "ddrop": keep}, jnp.ones((2, 8, 8, 3)),
+                    train=True, mutable=["batch_stats"],
+                    rngs={"ddrop": jax.random.key(1)})[0]
+  cls = variables["params"]["classifier"]
+  np.testing.assert_allclose(out, jnp.broadcast_to(cls["8"]["bias"],
+                                                   out.shape), atol=1e-6)
+  # pruning zeros the same units whichever module drops them
+  pruned_a = dd.prune(variables, linear, dd.DdropConfig(amount=0.5))
+  pruned_b = dd.prune(variables, at_norm, cfg)
+  jax.tree.map(np.testing.assert_array_equal, pruned_a["masks"],
+               pruned_b["masks"])
+  with pytest.raises(ValueError, match="dense_drop"):
+    dd.ddrop_layers(variables, dense_drop="after")

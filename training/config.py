@@ -367,6 +367,11 @@ SCHEMA: dict[str, Any] = {
                         "norm, or the running mean of |activation|.",
                         ("norm", "weight_norm", "activation")),
         "prune_residual": F(False, "Also prune convs feeding a residual sum."),
+        "dense_drop": F("linear", "Where a hidden Linear unit followed by a "
+                        "LayerNorm (VGG-bn's CIFAR classifier) is dropped: "
+                        "on the Linear's output (the reference) or on the "
+                        "norm's, so a dropped unit is 0 as after pruning.",
+                        ("linear", "norm")),
     },
 }
 

@@ -244,7 +244,7 @@ class Report:
       lines += wrap(
           f"pruned: P.FLOPS {d.get('dsp_pflops', 0.0):.2f} % / P.PARAMS "
           f"{d.get('dsp_pparams', 0.0):.2f} % (DSP measure: taking-part "
-          f"convs); {d.get('pflops_whole_model', 0.0):.2f} % of MACs / "
+          f"layers); {d.get('pflops_whole_model', 0.0):.2f} % of MACs / "
           f"{d.get('pparams_whole_model', 0.0):.2f} % of params (whole model)")
     for line in method_lines:
       lines += wrap(line)
