@@ -48,7 +48,7 @@ def make_steps(name: str, batch: int):
   new_state = lambda: state_lib.create_train_state(
       model, tx, jax.random.key(0), (32, 32, 3))
   state = new_state()
-  layers = ddrop_jax.ddrop_layers(state.params)
+  layers = ddrop_jax.ddrop_layers(model, (32, 32, 3))
   cfg = ddrop_jax.DdropConfig(prob=(0.0, 0.95), schedule="cosine",
                               total_steps=1000)
   dtx = ddrop_jax.ddrop_optimizer(tx, layers, cfg)

@@ -126,6 +126,15 @@ class Runner:
     return pipeline.build_model(self.config, self.env.info.num_classes,
                                 **({"groups": GROUPS} if gated else {}))
 
+  def layers(self, scope: str = "ddrop_layers"):
+    """The DDROP layers (scope ``all``: plus the norms after residual convs,
+    ``prune_residual``)."""
+    import ddrop_jax
+    info = self.env.info
+    shape = (info.image_size, info.image_size, info.channels)
+    layers = ddrop_jax.ddrop_layers(self.model(), shape)
+    return ddrop_jax.prune_layers(self.model(), layers, scope == "all", shape)
+
   def cached(self, key, build):
     key = (self.name, self.spe) + key
     if key not in self._cache:
@@ -207,7 +216,7 @@ class Runner:
     from training import optim, steps
     d = self.config.ddrop
     model = self.model()
-    layers = ddrop_jax.ddrop_layers(variables["params"])
+    layers = self.layers()
     cfg = DdropConfig.from_engine(d).with_phase_steps(d.epochs * self.spe)
 
     def build():
@@ -285,14 +294,12 @@ def amount_table(runner: Runner, variables, scope: str) -> list[list[float]]:
   """
   import ddrop_jax
   from ddrop_jax.config import DdropConfig
-  from ddrop_jax.selection import prune_layers
-  layers = ddrop_jax.ddrop_layers(variables["params"])
-  sizes = {l.units for l in prune_layers(variables["params"], layers, scope)}
+  layers = runner.layers(scope)
+  sizes = {l.units for l in layers}
   model, size = runner.model(), runner.env.info.image_size
   rows = []
   for a in sorted({k / c for c in sizes for k in range(c)}):
-    v = ddrop_jax.prune(variables, layers, DdropConfig(amount=a,
-                                                       prune_scope=scope))
+    v = ddrop_jax.prune(variables, layers, DdropConfig(amount=a))
     rows.append([a, figures(model, v, size)["pflops_whole_model"]])
   return rows
 
@@ -469,8 +476,8 @@ def study_model(args, name: str, seed: int, results: Results) -> None:
       if not results.done("shared", model=name, seed=seed, phase="group"):
         results.add("shared", {"model": name, "seed": seed,
                                "phase": "group", "seconds": sec})
-  layers = ddrop_jax.ddrop_layers(plain["params"])
   scope, rows = channel_scope(args, runner, pre)
+  layers = runner.layers(scope)
 
   def record(method, target, run, variables, gated, extra):
     if results.done("runs", model=name, seed=seed, method=method,
@@ -506,16 +513,15 @@ def study_model(args, name: str, seed: int, results: Results) -> None:
       beta, v = dsp_prune(runner, group_vars, reached)
       record("dsp", target, f"dsp_{tag}", v, True, {"beta": beta})
     cfg = dataclasses.replace(DdropConfig.from_engine(config.ddrop),
-                              amount=amount, prune_scope=scope)
+                              amount=amount, prune_residual=scope == "all")
     record("ddrop", target, f"ddrop_{tag}",
            ddrop_jax.prune(ddropped, layers, cfg), False, extra)
     record("l1", target, f"l1_{tag}", baselines.prune(
-        plain, layers, criterion="l1", amount=amount, scope=scope), False,
-           extra)
+        plain, layers, criterion="l1", amount=amount), False, extra)
     key = jax.random.fold_in(jax.random.key(seed), OFFSETS["random"])
     record("random", target, f"random_{tag}", baselines.prune(
-        plain, layers, criterion="random", amount=amount, scope=scope,
-        rng=key), False, extra)
+        plain, layers, criterion="random", amount=amount, rng=key), False,
+           extra)
 
 
 def channel_scope(args, runner: Runner, variables):

@@ -75,7 +75,7 @@ def export_latency(name: str, amount: float, batches: list[int],
   from convert import jax_side, slim  # pylint: disable=import-outside-toplevel
   model = models.create_model(name, 1000, mlp_scale=True)
   v = jax_side.random_variables(model, 0)
-  layers = dd.ddrop_layers(v)
+  layers = dd.ddrop_layers(model)
   out = {}
   for label, amt in (("dense", 0.0), ("slim", amount)):
     pruned = jax_side.to_numpy_tree(dd.prune(v, layers,

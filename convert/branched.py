@@ -242,7 +242,7 @@ def export_branched(model: Any, variables: Mapping[str, Any],
       packed.module, model, variables, out_dir, size,
       (TORCHSCRIPT, PROGRAM, STATE_DICT), images=images,
       num_images=num_images, seed=seed, atol=atol, program=program)
-  text = json.dumps({"model": type(model).__name__, "image_size": size,
+  text = json.dumps({"model": type(models.unwrap(model)).__name__, "image_size": size,
                      "layers": packed.layers}, indent=1)
   files[BRANCHES] = jax_side.atomic_write(
       pathlib.Path(out_dir) / BRANCHES,
@@ -254,7 +254,7 @@ def export_branched(model: Any, variables: Mapping[str, Any],
 def family_supported(model: Any) -> bool:
   """Whether ``export_branched`` packs this model (ResNet, VGG, ViT, Swin)."""
   from models import swin, vit  # pylint: disable=import-outside-toplevel
-  if isinstance(model, (vit.VisionTransformer, swin.SwinTransformer)):
+  if isinstance(models.unwrap(model), (vit.VisionTransformer, swin.SwinTransformer)):
     return True
   try:
     slim.family_of(model)

@@ -180,7 +180,7 @@ def export_packed(model: Any, variables: Mapping[str, Any],
   result = ExportResult(files, diffs, branch_counts(plan))
   if fast_options is not None:
     fast.attach(result, fast_specs.from_packed(
-        plan, type(model).__name__ + str(getattr(model, "depth", "")),
+        plan, type(models.unwrap(model)).__name__ + str(getattr(model, "depth", "")),
         image_size), out_dir, fast_options, program=program, atol=atol)
   return result
 

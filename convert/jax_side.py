@@ -64,6 +64,7 @@ def template(model: Any, image_size: int = 32, channels: int = 3
              ) -> dict[str, Any]:
   """Shapes/dtypes of a model's variables (no computation)."""
   x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+  model = models.prunable(model)
   return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
 
 
@@ -71,7 +72,8 @@ def logits(model: Any, variables: Mapping[str, Any], images_nhwc: np.ndarray
            ) -> np.ndarray:
   """Evaluation-mode logits of a Flax model."""
   v = jax.tree.map(jnp.asarray, dict(variables))
-  return np.asarray(model.apply(v, jnp.asarray(images_nhwc), train=False))
+  return np.asarray(models.prunable(model).apply(
+      v, jnp.asarray(images_nhwc), train=False))
 
 
 # --------------------------------------------------------- plan <-> variables

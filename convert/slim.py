@@ -51,7 +51,9 @@ from convert import dsp, dsp_torch, fast, fast_specs, jax_side, packing, tables
 from convert.dsp_torch import to_tensor
 from convert.torch_zoo import SlimBlock, SlimLayerNorm, SlimResNet, SlimVGG
 from models import cifar_resnet, resnet, swin, vgg, vit
-from models.structure import LayerInfo, ModelStructure, Path
+from models.graph import Graph as ModelStructure
+from models.graph import LayerInfo
+from models.paths import Path
 
 FAMILIES = ("resnet", "vgg", "vit", "swin")
 TORCHSCRIPT, PROGRAM, STATE_DICT, REFERENCE_IO = (
@@ -88,17 +90,17 @@ class SlimExport:
 
 def family_of(model: Any) -> str:
   """``resnet`` or ``vgg`` for the supported Flax models; a clear error else."""
-  if isinstance(model, resnet.ResNet):
+  if isinstance(models.unwrap(model), resnet.ResNet):
     return "resnet"
-  if isinstance(model, vgg.VGG):
+  if isinstance(models.unwrap(model), vgg.VGG):
     return "vgg"
   hint = (" (the DSP CifarResNet is exported by convert.dsp.export_packed)"
-          if isinstance(model, cifar_resnet.CifarResNet) else "")
+          if isinstance(models.unwrap(model), cifar_resnet.CifarResNet) else "")
   raise ValueError(
       f"DDROP slimming supports the model families {', '.join(FAMILIES)} "
       f"(models.resnet.ResNet, models.vgg.VGG: cifar_resnet18/34/50, "
       f"resnet18/34/50, cifar_vgg*_bn, vgg*_bn); got "
-      f"{type(model).__name__}{hint}")
+      f"{type(models.unwrap(model)).__name__}{hint}")
 
 
 # ------------------------------------------------------------- which units go
@@ -145,7 +147,7 @@ def kept_units(structure: ModelStructure, variables: Mapping[str, Any]
       if l.path in structure.mixed:
         # A LayerNorm: only units with a constant pre-norm value.
         removable &= ~np.any(
-            models.structure.connectivity(l, masks, params), axis=0)
+            models.graph.connectivity(l, masks, params), axis=0)
     elif l.path not in structure.mixed:
       removable = dead[l.path] | _zero_output(folded, l)
     keep[l.path] = np.flatnonzero(~removable).astype(np.int64)
@@ -342,7 +344,7 @@ def slim(model: Any, variables: Mapping[str, Any],
     ValueError: unsupported model family, or a layer that keeps no unit where
       the slimmed model cannot represent it.
   """
-  if isinstance(model, (vit.VisionTransformer, swin.SwinTransformer)):
+  if isinstance(models.unwrap(model), (vit.VisionTransformer, swin.SwinTransformer)):
     return _slim_transformer(model, variables, _image_size(model, image_size))
   family = family_of(model)
   image_size = _image_size(model, image_size)
@@ -367,7 +369,7 @@ def _slim_transformer(model: Any, variables: Mapping[str, Any],
   """ViT / Swin: MLP hidden units removed (``convert.transformer_torch``)."""
   from convert import transformer_torch  # pylint: disable=import-outside-toplevel
   module, widths = transformer_torch.slim(model, variables, image_size)
-  family = "vit" if isinstance(model, vit.VisionTransformer) else "swin"
+  family = "vit" if isinstance(models.unwrap(model), vit.VisionTransformer) else "swin"
   before = sum(int(np.size(x)) for _, x in tables.leaves(
       jax_side.to_numpy_tree(dict(variables))[tables.PARAMS]))
   after = sum(p.numel() for p in module.parameters())
@@ -430,7 +432,7 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
   result = SlimExport(files, diffs, summary)
   if fast_options is not None and isinstance(module, (SlimResNet, SlimVGG)):
     pruned = summary.params_after < summary.params_before
-    fast.attach(result, fast_specs.from_slim(module, type(model).__name__,
+    fast.attach(result, fast_specs.from_slim(module, type(models.unwrap(model)).__name__,
                                              image_size, pruned),
                 out_dir, fast_options, program=program, atol=atol)
   return result

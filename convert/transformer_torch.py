@@ -35,7 +35,7 @@ import models
 from convert import jax_side, packing, tables, transformers
 from models import swin as swin_lib
 from models import vit as vit_lib
-from models.structure import Path
+from models.paths import Path
 
 
 class SlimMlp(nn.Sequential):
@@ -279,7 +279,7 @@ class TorchSwin(nn.Module):
 # ------------------------------------------------------------------ slimming
 def mlp_blocks(model: Any) -> list[tuple[str, ...]]:
   """Flax paths of every MLP (``.../mlp``), in block order."""
-  if isinstance(model, vit_lib.VisionTransformer):
+  if isinstance(models.unwrap(model), vit_lib.VisionTransformer):
     return [("encoder", "layers", f"encoder_layer_{i}", "mlp")
             for i in range(model.num_layers)]
   return [("features", str(2 * s + 1), str(j), "mlp")
@@ -325,7 +325,7 @@ def torch_module(model: Any, hidden: Sequence[int | MlpShape]) -> nn.Module:
   outputs)`` for an MLP that reads / writes a subset of the token features
   (``SlimMlp``).
   """
-  if isinstance(model, vit_lib.VisionTransformer):
+  if isinstance(models.unwrap(model), vit_lib.VisionTransformer):
     return TorchViT(model.image_size, model.patch_size, model.hidden_dim,
                     model.num_heads, hidden, model.num_classes)
   per_stage, i = [], 0
@@ -352,7 +352,7 @@ def slim(model: Any, variables: Mapping[str, Any], image_size: int
     ``{fc2 name: (outputs, kept)}`` for an fc2 that writes a subset).
   """
   if model.image_size is not None and image_size != model.image_size:
-    raise ValueError(f"{type(model).__name__} is built for {model.image_size}"
+    raise ValueError(f"{type(models.unwrap(model)).__name__} is built for {model.image_size}"
                      f" x {model.image_size} images, not {image_size}")
   if model.image_size is None:
     model = model.clone(image_size=image_size)

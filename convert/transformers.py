@@ -36,6 +36,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+import models
+
 from convert import tables
 
 Array = np.ndarray
@@ -269,12 +271,12 @@ def table_for(model: Any, state_dict: Mapping[str, Any] | None = None,
   """The table of a Flax ViT / Swin in the format of ``state_dict`` (or
   ``fmt``)."""
   from models import swin, vit  # pylint: disable=import-outside-toplevel
-  if isinstance(model, vit.VisionTransformer):
+  if isinstance(models.unwrap(model), vit.VisionTransformer):
     family = "vit"
-  elif isinstance(model, swin.SwinTransformer):
+  elif isinstance(models.unwrap(model), swin.SwinTransformer):
     family = "swin"
   else:
-    raise ValueError(f"no transformer name table for {type(model).__name__}")
+    raise ValueError(f"no transformer name table for {type(models.unwrap(model)).__name__}")
   expected = expected or family
   if fmt is None:
     fmt = detect_format(state_dict, family, expected)
@@ -315,7 +317,7 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping[str, Any],
     ValueError: the first mis-shaped key, or keys the model does not have.
   """
   entries = table_for(model, state_dict, expected=expected)
-  expected = expected or type(model).__name__
+  expected = expected or type(models.unwrap(model)).__name__
   params = template[tables.PARAMS]
   out: dict[str, Any] = {}
   used = set()

@@ -2,8 +2,9 @@
 
 One frozen dataclass holds every DDROP hyper-parameter; the engine's
 ``config.ddrop`` (an ``ml_collections.ConfigDict``) converts to it with
-:meth:`DdropConfig.from_mapping`. Field names follow the reference's flags
-(``--prob``, ``--schedule``, ``--total_steps``, ``--amount``).
+:meth:`DdropConfig.from_engine`. Field names are the config schema's
+(``training.config``), which follows the reference's flags (``--prob``,
+``--schedule``, ``--total_steps``, ``--amount``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import dataclasses
 from typing import Any, Mapping
 
 SCHEDULES = ("constant", "cosine", "linear")
-CRITERIA = ("abs_gamma", "weight_norm", "activation")
-L1_MODES = ("uniform", "rank")
-PRUNE_SCOPES = ("ddrop_layers", "all")
+IMPORTANCES = ("norm", "weight_norm", "activation")
 DENSE_DROPS = ("linear", "norm")
 
 # Network Slimming (Liu et al., ICCV 2017) uses this L1 strength on the
@@ -38,18 +37,18 @@ class DdropConfig:
       ``total_steps``).
     total_steps: schedule length in optimizer steps; None means one third of
       the DDROP phase's steps (resolve with :meth:`with_phase_steps`).
-    criterion: unit importance: ``abs_gamma`` (|gamma| of a norm, squared row
-      norm of a Linear), ``weight_norm`` (squared L2 norm of the producing
-      conv filter / Linear row) or ``activation`` (running mean of
-      |activation| kept in the ``ddrop_stats`` collection).
-    l1: strength lambda of the L1 penalty on the DDROP layers' norm scales
-      (0 switches it off).
-    l1_mode: ``uniform`` (lambda on every unit) or ``rank`` (lambda times the
-      unit's normalised drop probability, see ``ddrop_jax.l1``).
+    importance: unit importance: ``norm`` (|scale| of a unit's norm or
+      scale; the squared row norm of a layer followed by a LayerNorm),
+      ``weight_norm`` (squared L2 norm of the producing conv filter / Linear
+      row) or ``activation`` (running mean of |activation| kept in the
+      ``ddrop_stats`` collection).
+    l1: strength lambda of the L1 penalty on the DDROP layers' scales (0
+      switches it off).
+    l1_rank_weighted: weight the penalty of each unit by its normalised drop
+      probability (see ``ddrop_jax.l1``) instead of lambda on every unit.
     amount: fraction of units pruned per layer after the DDROP phase.
-    prune_scope: ``ddrop_layers`` (the DDROP layers only) or ``all`` (also
-      every other conv+norm pair, e.g. convs feeding residual sums, as the
-      reference code does).
+    prune_residual: also prune the convs feeding residual sums (each norm
+      right after them on its own), as the reference code does.
     dense_drop: where a hidden Linear unit that a LayerNorm follows (VGG's
       CIFAR classifier) is dropped: ``linear`` (on the Linear's output, as
       the reference: the norm then maps a dropped unit to its shift, not to
@@ -60,11 +59,11 @@ class DdropConfig:
   prob: tuple[float, float] = (0.0, 0.95)
   schedule: str = "constant"
   total_steps: int | None = None
-  criterion: str = "abs_gamma"
+  importance: str = "norm"
   l1: float = DEFAULT_L1
-  l1_mode: str = "uniform"
+  l1_rank_weighted: bool = False
   amount: float = 0.5
-  prune_scope: str = "ddrop_layers"
+  prune_residual: bool = False
   dense_drop: str = "linear"
 
   def __post_init__(self):
@@ -79,9 +78,7 @@ class DdropConfig:
           "ddrop.prob = (p_min, p_max) are keep probabilities and need "
           f"0 <= p_min <= p_max <= 1, got {self.prob!r}")
     _check_choice("schedule", self.schedule, SCHEDULES)
-    _check_choice("criterion", self.criterion, CRITERIA)
-    _check_choice("l1_mode", self.l1_mode, L1_MODES)
-    _check_choice("prune_scope", self.prune_scope, PRUNE_SCOPES)
+    _check_choice("importance", self.importance, IMPORTANCES)
     _check_choice("dense_drop", self.dense_drop, DENSE_DROPS)
     if self.total_steps is not None and (
         not isinstance(self.total_steps, int) or self.total_steps < 1):
@@ -141,18 +138,13 @@ class DdropConfig:
 # Engine ``config.ddrop`` fields that are phase settings, not algorithm ones.
 _PHASE_FIELDS = ("epochs", "lr", "weight_decay", "momentum", "optimizer",
                  "before_epochs", "ft_epochs", "ft_lr")
-# Engine ``config.ddrop.importance`` -> ``DdropConfig.criterion``.
-_ENGINE_IMPORTANCE = {"norm": "abs_gamma", "weight_norm": "weight_norm",
-                      "activation": "activation"}
 
 
 def from_engine(ddrop: Mapping[str, Any] | Any) -> DdropConfig:
   """The ``DdropConfig`` of the engine's ``config.ddrop`` section.
 
-  Maps ``importance`` (``norm`` -> ``abs_gamma``), ``l1_rank_weighted``
-  (-> ``l1_mode``), ``prune_residual`` (-> ``prune_scope='all'``) and
-  ``total_steps = 0`` (-> None, one third of the phase); phase settings
-  (epochs, lr, ...) are not part of the algorithm and are skipped.
+  Phase settings (epochs, lr, ...) are not part of the algorithm and are
+  skipped; ``total_steps = 0`` means one third of the phase (None here).
 
   Args:
     ddrop: the ``config.ddrop`` ConfigDict (or a dict).
@@ -162,17 +154,6 @@ def from_engine(ddrop: Mapping[str, Any] | Any) -> DdropConfig:
   """
   items = {k: v for k, v in dict(ddrop.items()).items()
            if k not in _PHASE_FIELDS}
-  if "importance" in items:
-    imp = items.pop("importance")
-    if imp not in _ENGINE_IMPORTANCE:
-      raise ValueError(f"ddrop.importance must be one of "
-                       f"{', '.join(_ENGINE_IMPORTANCE)}; got {imp!r}")
-    items["criterion"] = _ENGINE_IMPORTANCE[imp]
-  if "l1_rank_weighted" in items:
-    items["l1_mode"] = "rank" if items.pop("l1_rank_weighted") else "uniform"
-  if "prune_residual" in items:
-    items["prune_scope"] = "all" if items.pop("prune_residual") else (
-        "ddrop_layers")
   if items.get("total_steps") == 0:
     items["total_steps"] = None
   return DdropConfig.from_mapping(items)

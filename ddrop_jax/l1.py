@@ -94,7 +94,7 @@ def add_l1(lam: float, mask: Params | Callable[[Params], Params] | None = None,
 
 
 def _scale_paths(layers: Sequence[DdropLayer]) -> set[tuple[str, ...]]:
-  return {l.path + ("scale",) for l in layers if l.kind == NORM}
+  return {l.scale for l in layers if l.kind == NORM}
 
 
 def l1_mask(layers: Sequence[DdropLayer]) -> Callable[[Params], Params]:
@@ -116,8 +116,8 @@ def rank_weights(layers: Sequence[DdropLayer], cfg: DdropConfig) -> WeightsFn:
   with that criterion the weights rank units by |gamma|, the quantity the L1
   acts on.
   """
-  criterion = "abs_gamma" if cfg.criterion == "activation" else cfg.criterion
-  paths = {l.path + ("scale",): l for l in layers if l.kind == NORM}
+  criterion = "norm" if cfg.importance == "activation" else cfg.importance
+  paths = {l.scale: l for l in layers if l.kind == NORM}
   denom = 1.0 - cfg.p_min
 
   def weights(params, count):
@@ -144,7 +144,7 @@ def ddrop_l1(layers: Sequence[DdropLayer],
 
   Args:
     layers: the DDROP layers.
-    cfg: config with ``l1``, ``l1_mode`` (and, for ``rank``, a resolved
+    cfg: config with ``l1``, ``l1_rank_weighted`` (and then a resolved
       ``total_steps``).
 
   Returns:
@@ -153,5 +153,5 @@ def ddrop_l1(layers: Sequence[DdropLayer],
   """
   if cfg.l1 == 0.0:
     return optax.identity()
-  weights = rank_weights(layers, cfg) if cfg.l1_mode == "rank" else None
+  weights = rank_weights(layers, cfg) if cfg.l1_rank_weighted else None
   return add_l1(cfg.l1, mask=l1_mask(layers), weights=weights)

@@ -40,9 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from models import paths
 from ddrop_jax.config import DdropConfig
 from ddrop_jax.pruning import prune
-from ddrop_jax.selection import DdropLayer, ddrop_layers, prune_layers
+from ddrop_jax.selection import (DdropLayer, ddrop_layers, init_scales,
+                                 prune_layers)
 from ddrop_jax.train import (STATS, ddrop_optimizer, init_extra,
                              make_ddrop_train_step)
 from training import config as config_lib
@@ -120,18 +122,13 @@ def pruned_units(masks: Mapping[str, Any],
   out = {}
   for layer in layers:
     if layer.norm is not None:
-      m = _get(masks, layer.norm)["scale"]
+      m = paths.require(masks, layer.norm + ("scale",), "masks")
     else:
-      m = np.max(np.asarray(_get(masks, layer.producer)["kernel"]), axis=0)
+      m = np.max(np.asarray(paths.require(
+          masks, layer.producer + ("kernel",), "masks")), axis=0)
     m = np.asarray(m)
     out[layer.name] = [int((m == 0).sum()), int(m.size)]
   return out
-
-
-def _get(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 def run(config: Mapping[str, Any], workdir: str | pathlib.Path
@@ -201,13 +198,16 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
 
   # 2. DDROP training.
   cfg = DdropConfig.from_engine(d).with_phase_steps(d["epochs"] * spe)
-  layers = ddrop_layers(state.params, dense_drop=cfg.dense_drop)
+  shape = (info.image_size, info.image_size, info.channels)
+  layers = ddrop_layers(model, shape, dense_drop=cfg.dense_drop)
+  to_prune = prune_layers(model, layers, cfg.prune_residual, shape)
   env.report.merge({"ddrop": {
       "layers": [l.name for l in layers], "total_steps": cfg.total_steps,
       "amount": cfg.amount}})
   if "ddrop" in selected:
     base_tx, lr_fn = make_tx(d["epochs"], d["lr"])
     tx = ddrop_optimizer(base_tx, layers, cfg)
+    state = state.replace(params=init_scales(layers, state.params))
     state = _phase_state(state, tx, "ddrop", mesh,
                          extra=init_extra(layers, cfg))
     step_fn = make_ddrop_train_step(model, tx, info, mesh, layers, cfg,
@@ -221,7 +221,7 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
   # 3. Pruning (DDROP off from here on).
   if "prune" in selected:
     stats = (state.extra or {}).get(STATS)
-    v = prune(state.variables(), layers, cfg, stats=stats)
+    v = prune(state.variables(), to_prune, cfg, stats=stats)
     # Computed on each host from the replicated state: must agree.
     mesh_lib.check_same_on_processes(v["masks"], "DDROP prune masks")
     state = state.replace(params=v["params"], batch_stats=v["batch_stats"],
@@ -229,10 +229,9 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
     state = mesh_lib.replicate(state, mesh)
     evals = evaluator(state)
     accuracy["pruned"] = _test_accuracy(evals)
-    counts = pruned_units(v["masks"], prune_layers(state.params, layers,
-                                                   cfg.prune_scope))
+    counts = pruned_units(v["masks"], to_prune)
     pruned = pipeline.model_figures(model, state.variables(), info.image_size)
-    record = {"amount": cfg.amount, "prune_scope": cfg.prune_scope,
+    record = {"amount": cfg.amount, "prune_residual": cfg.prune_residual,
               "evaluation": evals, "pruned_units": counts, "pruned": pruned}
     if mesh_lib.is_primary():
       env.workdir.mkdir(parents=True, exist_ok=True)

@@ -25,23 +25,14 @@ from flax import traverse_util
 
 from ddrop_jax.config import DdropConfig
 from ddrop_jax.selection import DENSE, DdropLayer, Path
+from models import paths
 
 Array = jax.Array
 
 
-def _get(tree: Mapping[str, Any], path: Path) -> Any:
-  node = tree
-  for i, key in enumerate(path):
-    if not isinstance(node, Mapping) or key not in node:
-      raise KeyError(f"{'.'.join(path)}: no entry {key!r} at "
-                     f"{'.'.join(path[:i]) or '<root>'}")
-    node = node[key]
-  return node
-
-
 def importance(layer: DdropLayer, params: Mapping[str, Any],
                stats: Mapping[str, Any] | None = None,
-               criterion: str = "abs_gamma") -> Array:
+               criterion: str = "norm") -> Array:
   """Per-unit importance of one layer, shape (C,).
 
   Args:
@@ -49,31 +40,30 @@ def importance(layer: DdropLayer, params: Mapping[str, Any],
     params: params pytree.
     stats: the ``ddrop_stats`` collection (``abs_mean`` per layer); needed
       for ``activation`` only.
-    criterion: ``abs_gamma`` (|gamma| of a norm; squared L2 norm of each
-      output unit's weight row for a Linear layer), ``weight_norm`` (squared
-      L2 norm of the producing conv filter / Linear row) or ``activation``
-      (running mean of |activation|).
+    criterion: ``norm`` (|scale| of the unit's norm or scale; the squared L2
+      norm of each output unit's weight row for a ``dense`` unit),
+      ``weight_norm`` (squared L2 norm of the producing conv filter / Linear
+      row) or ``activation`` (running mean of |activation|).
 
   Returns:
     Importance values (larger = more important), without gradient.
   """
-  if criterion == "abs_gamma":
+  if criterion == "norm":
     if layer.kind == DENSE:
-      v = _row_sq_norm(_get(params, layer.producer)["kernel"])
+      v = _row_sq_norm(paths.require(params, layer.producer + ("kernel",),
+                                     "params"))
     else:
-      v = jnp.abs(_get(params, layer.path)["scale"])
+      v = jnp.abs(paths.require(params, layer.scale, "params"))
   elif criterion == "weight_norm":
-    if layer.producer is None:
-      raise ValueError(f"{layer.name}: criterion weight_norm needs a "
-                       "producing conv/Linear, the layer has none")
-    v = _row_sq_norm(_get(params, layer.producer)["kernel"])
+    v = _row_sq_norm(paths.require(params, layer.producer + ("kernel",),
+                                   "params"))
   elif criterion == "activation":
     if stats is None:
-      raise ValueError(f"{layer.name}: criterion activation needs the "
+      raise ValueError(f"{layer.name}: importance activation needs the "
                        "ddrop_stats collection (see init_stats)")
-    v = _get(stats, layer.path)["abs_mean"]
+    v = paths.require(stats, layer.path + ("abs_mean",), "ddrop_stats")
   else:
-    raise ValueError(f"criterion must be one of abs_gamma, weight_norm, "
+    raise ValueError(f"importance must be one of norm, weight_norm, "
                      f"activation; got {criterion!r}")
   return jax.lax.stop_gradient(v)
 
@@ -188,7 +178,7 @@ def keep_probabilities(params: Mapping[str, Any],
   """
   flat = {}
   for i, layer in enumerate(layers):
-    v = importance(layer, params, stats, cfg.criterion)
+    v = importance(layer, params, stats, cfg.importance)
     k = None if key is None else jax.random.fold_in(key, i)
     flat[layer.path + ("keep",)] = jax.lax.stop_gradient(
         layer_keep(v, step, cfg, k))

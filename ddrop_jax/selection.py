@@ -1,52 +1,57 @@
-"""Which layers DDROP acts on, found by walking the params pytree by path.
+"""The units DDROP acts on, read off the model's traced graph.
 
-A module is recognised from its parameters: a *conv* holds a 4-D ``kernel``,
-a *dense* layer a 2-D ``kernel``, a *norm* (BatchNorm, LayerNorm) a 1-D
-``scale`` and ``bias`` and no kernel. Paths are tuples of module names; joined
-with '.' they are the PyTorch names (``stage_1.0.bn_a``, ``layer1.0.bn2``,
-``features.1``, ``classifier.0``).
+A *unit* is one output channel of a producer (a full conv or dense layer)
+whose channels are its own: not coupled to other producers by a residual
+sum, not the logits, not mixed by design (attention's q/k/v, a grouped
+conv's input), and not the stem of a network with residual blocks (its
+first stage reads it; the reference leaves it). For every such producer P
+(spec ddrop.md section 2):
 
-Rules, one per model family (spec section 2):
+* a norm right after P that normalises per channel (BatchNorm) or only
+  scales (a ``DummyNorm``): DDROP drops that norm's output and ranks units by
+  its |scale| (ResNet ``bn1``/``bn2`` of a block but not the last, every
+  BatchNorm of a VGG's features, a transformer MLP's ``dummy_norm``);
+* a norm right after P that normalises with statistics over the channels
+  (LayerNorm: VGG-bn's CIFAR classifier), or no norm after a Linear on
+  pooled features (VGG-bn's ImageNet classifier): the unit is P's, ranked by
+  P's squared weight rows, as the reference ranks its Linear units; it is
+  dropped on P's output (``dense_drop='linear'``, the reference) or on the
+  norm's (``'norm'``), and pruning zeroes the norm with it;
+* no norm otherwise (a dense MLP over positions, a conv): DDROP adds a
+  per-unit scale, ``params/<P>/ddrop_scale`` (``init_scales``), applied and
+  dropped on P's output, as the transformers' ``dummy_norm``.
 
-* **ResNet** (DSP's CifarResNet and the torchvision layout): a residual block
-  is a non-root module holding two or more norms named ``bn<suffix>``
-  (``bn1 bn2 [bn3]`` or ``bn_a bn_b``). DDROP acts on every one of them but
-  the last in suffix order (BasicBlock: ``bn1`` / ``bn_a``; Bottleneck:
-  ``bn1``, ``bn2``). The stem norm lives at the root and a shortcut norm is
-  named ``downsample.1``, so neither is selected. The producer of
-  ``bn<s>`` is the sibling conv ``conv<s>``.
-* **VGG-bn**: every norm child of ``features`` (producer: the nearest conv
-  before it in the same container) and every Linear child of ``classifier``
-  except the last one, the output layer. A norm right after a hidden Linear
-  (``classifier.1`` LayerNorm) is its *follower*: pruning zeros it with the
-  unit. The unit is dropped on the Linear's output (``dense_drop='linear'``,
-  the reference) or on the follower's (``'norm'``); its importance is the
-  Linear's row norm either way.
-* **ViT / Swin**: the per-unit scale ``mlp.dummy_norm`` (a 1-D ``scale``,
-  ``models.transformer.DummyNorm``) after the first Linear of each MLP block,
-  present when the model is built with ``mlp_scale=True``; its producer is
-  the sibling ``fc1``. Attention layers are never selected.
+Norms and depthwise convs further along the same channels (a MobileNet's
+depthwise conv and its BatchNorm, a DenseNet's BatchNorm over a
+concatenation) are the unit's *chain*: pruning zeroes them with it, at the
+positions where they read the unit. The stem of a residual network, block-last and shortcut convs
+feed residual sums; ``prune_residual`` adds the norms right after those
+convs as extra layers pruned on their own, as the reference code does.
 
 Layers come out in natural path order (numeric components compared as
-numbers), which does not depend on dict key order.
+numbers), which orders the per-layer random streams of the keep
+probabilities.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from flax import traverse_util
+import numpy as np
+
+import models
+from models import graph as graph_lib
+from models import paths
+from models import pruning
 
 Path = tuple[str, ...]
 
 # kinds of DDROP layers
 NORM = "norm"
 DENSE = "dense"
+DENSE_DROPS = ("linear", "norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,257 +59,211 @@ class DdropLayer:
   """One layer whose units DDROP drops (and pruning removes).
 
   Attributes:
-    path: module whose output is multiplied by the Bernoulli draws: a norm, or
-      for VGG's hidden classifier layers the Linear or its follower norm.
-    kind: ``norm`` or ``dense`` (a hidden Linear's unit, ranked by its row).
-    units: number of units C (channels or neurons).
-    producer: conv/Linear whose output unit c feeds unit c (``path`` itself
-      for a dense layer); its filter/row and bias are zeroed by pruning.
-    norm: norm whose scale/bias entry c is zeroed by pruning: ``path`` for a
-      norm layer, the follower norm (or None) for a dense layer.
+    path: module whose output is multiplied by the Bernoulli draws.
+    kind: ``norm`` (ranked by a per-unit scale) or ``dense`` (ranked by the
+      producer's squared weight rows).
+    units: number of units C.
+    producer: the conv/dense layer whose output unit c is unit c; its
+      filter/row and bias are zeroed by pruning.
+    norm: the norm whose scale/bias entry c is zeroed by pruning, or None.
+    scale: params path of the per-unit scale (``norm``/``scale``, its
+      default for a ``norm`` unit, or the ``ddrop_scale`` DDROP adds); None
+      for a ``dense`` unit.
+    chain: further norms and depthwise convs reading the unit's channels,
+      zeroed with it: ``(module, ((position, unit), ...))``.
   """
 
   path: Path
   kind: str
   units: int
-  producer: Path | None
+  producer: Path
   norm: Path | None
+  scale: Path | None = None
+  chain: tuple[tuple[Path, tuple[tuple[int, int], ...]], ...] = ()
+
+  def __post_init__(self):
+    if self.kind == NORM and self.scale is None and self.norm is not None:
+      object.__setattr__(self, "scale", self.norm + ("scale",))
 
   @property
   def name(self) -> str:
     """PyTorch-style dotted name."""
     return ".".join(self.path)
 
+  @property
+  def added_scale(self) -> bool:
+    """The unit scale is DDROP's own ``ddrop_scale``."""
+    return self.scale is not None and self.scale[-1] == pruning.DDROP_SCALE
+
+
+def _input_shape(model: Any, input_shape: Sequence[int] | None
+                 ) -> tuple[int, int, int]:
+  if input_shape is None:
+    size = getattr(models.unwrap(model), "image_size", None) or 32
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (*size, 3)
+  shape = tuple(int(s) for s in input_shape)
+  if len(shape) == 4:
+    shape = shape[1:]
+  if len(shape) != 3:
+    raise ValueError(f"input_shape must be (H, W, C) or (N, H, W, C), got "
+                     f"{tuple(input_shape)}")
+  return shape
+
+
+def _chain(graph: graph_lib.Graph, producer: Path, skip: Path | None):
+  """Norms and depthwise convs reading ``producer``'s channels, with the
+  (position, channel) pairs where they read them."""
+  space = graph.space_index(producer)
+  out = []
+  for l in graph.layers.values():
+    if l.path == skip or not (l.kind == "norm" or l.depthwise):
+      continue
+    if producer not in l.inputs or not l.aligned:
+      continue
+    spaces = (np.asarray(l.in_spaces) if l.in_spaces is not None else
+              np.full((l.in_features,), graph.space_index(l.inputs[0])))
+    pos = np.flatnonzero(spaces == space)
+    chan = l.channel_map()[pos]
+    out.append((l.path, tuple((int(p), int(c)) for p, c in zip(pos, chan))))
+  return tuple(out)
+
+
+def _unit(graph: graph_lib.Graph, p: graph_lib.LayerInfo, dense_drop: str
+          ) -> DdropLayer:
+  norm = graph[p.norm] if p.norm is not None else None
+  if norm is not None and norm.stats != graph_lib.CHANNELS:
+    # BatchNorm (per-channel statistics) or a scale only: the unit is it.
+    return DdropLayer(norm.path, NORM, p.out_features, p.path, norm.path,
+                      norm.path + ("scale",), _chain(graph, p.path,
+                                                     norm.path))
+  if norm is not None or (p.kind == "dense" and p.in_rank == 2):
+    # A LayerNorm after P, or a classifier's hidden Linear: P's unit.
+    path = norm.path if dense_drop == "norm" and norm is not None else p.path
+    return DdropLayer(path, DENSE, p.out_features, p.path,
+                      norm and norm.path, None, _chain(graph, p.path,
+                                                       norm and norm.path))
+  return DdropLayer(p.path, NORM, p.out_features, p.path, None,
+                    p.path + (pruning.DDROP_SCALE,),
+                    _chain(graph, p.path, None))
+
+
+def _check_drop_point(graph: graph_lib.Graph, layer: DdropLayer,
+                      producer: graph_lib.LayerInfo) -> None:
+  """The module DDROP drops on must output exactly the unit's channels."""
+  out = graph.module_outputs.get(layer.path)
+  ok = out is not None
+  if ok:
+    gid, _ = out
+    spaces, chan = graph.gid_space(gid)
+    ok = (len(chan) == layer.units and np.array_equal(
+        chan, np.arange(layer.units)) and len(set(spaces.tolist())) == 1
+          and graph.spaces[int(spaces[0])] == frozenset({producer.path}))
+  if not ok:
+    raise ValueError(
+        f"DDROP: the units of {producer.name} would be dropped on the output "
+        f"of module {layer.name}, but that module's output is not exactly "
+        f"those {layer.units} channels; make the layer (or its norm) a "
+        "module of its own")
+
+
+def ddrop_layers(model: Any, input_shape: Sequence[int] | None = None,
+                 dense_drop: str = "linear") -> tuple[DdropLayer, ...]:
+  """The DDROP layers of a model, in call order (module docstring).
+
+  Args:
+    model: any Flax Linen model (plain or ``models.prunable``-wrapped).
+    input_shape: (H, W, C) or (N, H, W, C) of the input; default
+      ``(image_size, image_size, 3)`` with the model's ``image_size`` (or 32).
+    dense_drop: ``linear`` or ``norm``: where a unit followed by a LayerNorm
+      is dropped (``DdropConfig.dense_drop``).
+
+  Returns:
+    The layers (hashable, usable as static jit arguments), in natural path
+    order.
+
+  Raises:
+    ValueError: no layer has units of its own (saying why), a unit's
+      channels reach an operation the graph cannot follow, or the module to
+      drop on does not output exactly the unit's channels.
+  """
+  if dense_drop not in DENSE_DROPS:
+    raise ValueError(f"dense_drop must be one of linear, norm; got "
+                     f"{dense_drop!r}")
+  shape = _input_shape(model, input_shape)
+  graph = models.analyze(model, shape[:2], shape[2])
+  found = []
+  for p in graph.producers:
+    if (p.path in graph.outputs or len(graph.space_of(p.path)) > 1
+        or graph.category(p.path) == graph_lib.MIXES
+        or (p.stem and graph.blocks)):
+      continue
+    found.append(p)
+  if not found:
+    raise ValueError(
+        "no DDROP layers found: every conv/dense layer's channels are tied "
+        "by residual sums, reach the logits directly or are mixed by design "
+        "(attention)")
+  graph_lib.check_followed(graph, found, "DDROP")
+  layers = []
+  for p in found:
+    layer = _unit(graph, p, dense_drop)
+    _check_drop_point(graph, layer, p)
+    layers.append(layer)
+  return tuple(sorted(layers, key=lambda l: _natural_key(l.path)))
+
 
 def _natural_key(path: Path) -> tuple:
   return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path)
 
 
-def module_params(params: Mapping[str, Any]) -> dict[Path, dict[str, Any]]:
-  """Flattens params to ``{module path: {leaf name: array}}``."""
-  flat = traverse_util.flatten_dict(params)
-  modules: dict[Path, dict[str, Any]] = {}
-  for key, value in flat.items():
-    modules.setdefault(tuple(key[:-1]), {})[key[-1]] = value
-  return modules
-
-
-def module_kind(leaves: Mapping[str, Any]) -> str | None:
-  """``conv``, ``dense``, ``norm`` or None, from a module's parameters."""
-  kernel = leaves.get("kernel")
-  if kernel is not None:
-    return {4: "conv", 2: "dense"}.get(len(kernel.shape))
-  scale = leaves.get("scale")
-  if scale is not None and len(scale.shape) == 1:
-    return "norm"
-  return None
-
-
-def _children(modules: Mapping[Path, Any], parent: Path) -> dict[str, Path]:
-  n = len(parent)
-  return {p[n]: p for p in modules if len(p) == n + 1 and p[:n] == parent}
-
-
-def _units(modules, path: Path) -> int:
-  leaves = modules[path]
-  leaf = leaves["kernel"] if "kernel" in leaves else leaves["scale"]
-  return int(leaf.shape[-1])
-
-
-_BN_NAME = re.compile(r"^bn(_?)([0-9]+|[a-z])$")
-
-
-def _suffix_key(suffix: str) -> tuple:
-  return (0, int(suffix), "") if suffix.isdigit() else (1, 0, suffix)
-
-
-def norm_producer(modules, norm: Path) -> Path | None:
-  """The conv/Linear feeding ``norm``, from sibling names; None if unknown.
-
-  ``bn<s>`` is fed by ``conv<s>`` (or ``conv<s>_...``, as DSP's stem
-  ``conv_1_3x3`` feeds ``bn_1``); a numbered norm ``i`` by the nearest conv or
-  Linear numbered below ``i`` in the same container.
-  """
-  parent, name = norm[:-1], norm[-1]
-  siblings = _children(modules, parent)
-  kinds = {n: module_kind(modules[p]) for n, p in siblings.items()
-           if p in modules}
-  if name.isdigit():
-    before = [int(n) for n, k in kinds.items()
-              if n.isdigit() and int(n) < int(name) and k in ("conv", "dense")]
-    return siblings[str(max(before))] if before else None
-  m = _BN_NAME.match(name)
-  if m is None:
-    return None
-  stem = "conv" + m.group(1) + m.group(2)
-  for n in sorted(kinds):
-    if kinds[n] == "conv" and (n == stem or n.startswith(stem + "_")):
-      return siblings[n]
-  return None
-
-
-def _require_producer(modules, norm: Path) -> Path:
-  producer = norm_producer(modules, norm)
-  if producer is None:
-    raise ValueError(f"DDROP layer {'.'.join(norm)}: cannot find the conv "
-                     "that produces it (expected a sibling conv<suffix> or a "
-                     "lower-numbered conv in the same container)")
-  return producer
-
-
-def _resnet_rule(modules) -> list[DdropLayer]:
-  parents = {p[:-1] for p in modules if len(p) >= 2}
-  found = []
-  for parent in parents:
-    bns = [(m.group(2), path) for n, path in _children(modules, parent).items()
-           if (m := _BN_NAME.match(n)) and path in modules
-           and module_kind(modules[path]) == "norm"]
-    if len(bns) < 2:
-      continue
-    bns.sort(key=lambda sp: _suffix_key(sp[0]))
-    for _, path in bns[:-1]:
-      found.append(DdropLayer(path, NORM, _units(modules, path),
-                              _require_producer(modules, path), path))
-  return found
-
-
-def _numbered(modules, container: Path) -> list[tuple[int, Path, str | None]]:
-  out = []
-  for n, path in _children(modules, container).items():
-    if n.isdigit() and path in modules:
-      out.append((int(n), path, module_kind(modules[path])))
-  return sorted(out)
-
-
-def _vgg_rule(modules) -> list[DdropLayer]:
-  found = []
-  for container in {p[:-1] for p in modules if len(p) >= 2}:
-    if container[-1] == "features":
-      for _, path, kind in _numbered(modules, container):
-        if kind == "norm":
-          found.append(DdropLayer(path, NORM, _units(modules, path),
-                                  _require_producer(modules, path), path))
-    elif container[-1] == "classifier":
-      children = _numbered(modules, container)
-      dense = [i for i, (_, _, k) in enumerate(children) if k == "dense"]
-      for i in dense[:-1]:  # the last Linear is the output layer
-        path = children[i][1]
-        nxt = children[i + 1] if i + 1 < len(children) else None
-        follower = nxt[1] if nxt is not None and nxt[2] == "norm" else None
-        found.append(DdropLayer(path, DENSE, _units(modules, path), path,
-                                follower))
-  return found
-
-
-def _transformer_rule(modules) -> list[DdropLayer]:
-  found = []
-  for path, leaves in modules.items():
-    if path[-2:] != ("mlp", "dummy_norm") or module_kind(leaves) != "norm":
-      continue
-    fc1 = path[:-1] + ("fc1",)
-    if fc1 not in modules or module_kind(modules[fc1]) != "dense":
-      raise ValueError(f"DDROP layer {'.'.join(path)}: expected the MLP's "
-                       f"first Linear {'.'.join(fc1)} beside it")
-    found.append(DdropLayer(path, NORM, _units(modules, path), fc1, path))
-  return found
-
-
-# Each rule maps the module table to the DDROP layers of one family; a model
-# matches the rules of every family whose structure it contains.
-_RULES: tuple[Callable[[dict], list[DdropLayer]], ...] = (
-    _resnet_rule, _vgg_rule, _transformer_rule)
-
-
-def _as_params(model_or_params: Any, input_shape: tuple[int, ...] | None):
-  if isinstance(model_or_params, nn.Module):
-    model = model_or_params
-    if input_shape is None:
-      size = getattr(model, "image_size", None) or 32
-      size = (size, size) if isinstance(size, int) else tuple(size)
-      input_shape = (1, *size, 3)
-    x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
-    variables = jax.eval_shape(
-        lambda x: model.init(jax.random.key(0), x, train=False), x)
-    return variables["params"]
-  tree = model_or_params
-  if isinstance(tree, Mapping) and "params" in tree:
-    return tree["params"]
-  return tree
-
-
-def ddrop_layers(model_or_params: Any,
-                 input_shape: tuple[int, ...] | None = None,
-                 dense_drop: str = "linear") -> tuple[DdropLayer, ...]:
-  """The DDROP layers of a model, in natural path order.
-
-  Args:
-    model_or_params: a Flax module (its parameter shapes are traced with
-      ``jax.eval_shape``), a params pytree, or a variables dict with a
-      ``params`` entry.
-    input_shape: NHWC input shape for a module; default
-      ``(1, image_size, image_size, 3)`` with the module's ``image_size`` (or
-      32).
-    dense_drop: ``linear`` or ``norm``: where a hidden Linear's unit with a
-      follower norm is dropped (``DdropConfig.dense_drop``).
-
-  Returns:
-    The layers (hashable, usable as static jit arguments).
-
-  Raises:
-    ValueError: no rule matches the model (name its structure in the error).
-  """
-  params = _as_params(model_or_params, input_shape)
-  modules = module_params(params)
-  found: dict[Path, DdropLayer] = {}
-  for rule in _RULES:
-    for layer in rule(modules):
-      found.setdefault(layer.path, layer)
-  if not found:
-    tops = sorted({p[0] for p in modules if p})
-    raise ValueError(
-        "no DDROP layers found: expected residual blocks with norms bn1/bn2 "
-        "(or bn_a/bn_b), VGG 'features'/'classifier' containers, or "
-        "transformer MLPs with a dummy_norm (build ViT/Swin with "
-        f"mlp_scale=True); the model has top-level modules {tops}")
-  if dense_drop not in ("linear", "norm"):
-    raise ValueError(f"dense_drop must be one of linear, norm; got "
-                     f"{dense_drop!r}")
-  if dense_drop == "norm":
-    found = {k: dataclasses.replace(l, path=l.norm)
-             if l.kind == DENSE and l.norm is not None else l
-             for k, l in found.items()}
-  return tuple(sorted(found.values(), key=lambda l: _natural_key(l.path)))
-
-
-def prune_layers(params: Mapping[str, Any], layers: Iterable[DdropLayer],
-                 scope: str = "ddrop_layers") -> tuple[DdropLayer, ...]:
+def prune_layers(model: Any, layers: Iterable[DdropLayer],
+                 prune_residual: bool = False,
+                 input_shape: Sequence[int] | None = None
+                 ) -> tuple[DdropLayer, ...]:
   """The layers pruning acts on.
 
   Args:
-    params: params pytree.
+    model: the model (its graph finds the extra layers).
     layers: the DDROP layers.
-    scope: ``ddrop_layers`` (only those) or ``all``: also every other norm
-      whose producing conv is known from the names (stem, block-last and
-      shortcut convs of a ResNet, which feed residual sums), as the reference
-      code prunes them.
+    prune_residual: also every norm right after a conv whose channels are
+      tied by residual sums (stem, block-last and shortcut convs), each
+      pruned on its own by |γ|, as the reference code does.
+    input_shape: as ``ddrop_layers``.
 
   Returns:
-    The DDROP layers followed by the extra ones, in natural path order.
+    The DDROP layers followed by the extra ones (natural path order).
   """
   layers = tuple(layers)
-  if scope == "ddrop_layers":
+  if not prune_residual:
     return layers
-  if scope != "all":
-    raise ValueError(f"prune_scope must be one of ddrop_layers, all; got "
-                     f"{scope!r}")
-  modules = module_params(params)
-  covered = {l.norm for l in layers} | {l.path for l in layers}
+  shape = _input_shape(model, input_shape)
+  graph = models.analyze(model, shape[:2], shape[2])
+  covered = {l.producer for l in layers}
   extra = []
-  for path, leaves in modules.items():
-    if module_kind(leaves) != "norm" or path in covered:
+  for p in graph.producers:
+    if p.kind != "conv" or p.path in covered or p.norm is None:
       continue
-    producer = norm_producer(modules, path)
-    if producer is not None and module_kind(modules[producer]) == "conv":
-      extra.append(DdropLayer(path, NORM, _units(modules, path), producer,
-                              path))
+    extra.append(DdropLayer(p.norm, NORM, p.out_features, p.path, p.norm,
+                            p.norm + ("scale",)))
   return layers + tuple(sorted(extra, key=lambda l: _natural_key(l.path)))
+
+
+def init_scales(layers: Sequence[DdropLayer], params: Mapping[str, Any]
+                ) -> dict[str, Any]:
+  """``params`` with a ``ddrop_scale`` of ones for every unit that needs one.
+
+  Args:
+    layers: the DDROP layers.
+    params: the model's params.
+
+  Returns:
+    The params (unchanged when no unit needs a scale or they exist).
+  """
+  out = params
+  for l in layers:
+    if l.added_scale and paths.get(params, l.scale) is None:
+      module = paths.require(params, l.producer, "params")
+      dtype = next(iter(module.values())).dtype
+      out = paths.replace(out, l.scale, jnp.ones((l.units,), dtype))
+  return out

@@ -34,7 +34,7 @@ STATS = "ddrop_stats"
 
 def needs_stats(cfg: DdropConfig) -> bool:
   """Whether the step must keep the ``ddrop_stats`` collection."""
-  return cfg.criterion == "activation"
+  return cfg.importance == "activation"
 
 
 def init_extra(layers: Sequence[DdropLayer], cfg: DdropConfig
@@ -58,7 +58,7 @@ def ddrop_collections(params: Mapping[str, Any],
 
   Args:
     params: current params.
-    stats: ``ddrop_stats`` (None unless the criterion is ``activation``).
+    stats: ``ddrop_stats`` (None unless the importance is ``activation``).
     step: optimizer step of the DDROP phase (traced).
     rng: base key; the step's ``'ddrop'`` key is ``fold_in(rng, step)``.
     layers: the DDROP layers.

@@ -1,8 +1,10 @@
 """Fine-tuning pieces of DSP (spec §3, end): masks, best-so-far, re-prune.
 
-The training loop applies ``apply_masks`` after every optimizer step, keeps
-the best weights with ``update_best``, and between cycles calls ``reprune``
-and builds a fresh optimizer with ``cycle_optimizer``.
+The training loop applies the masks (``models.apply_masks``) after every
+optimizer step — the prune's norm masks zero γ and β together, which is the
+reference's zeroing of every BatchNorm shift whose γ is 0 — keeps the best
+weights with ``update_best``, and between cycles calls ``reprune`` and
+builds a fresh optimizer with ``cycle_optimizer``.
 """
 
 from __future__ import annotations
@@ -14,49 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsp_jax import layer_info as li
+from dsp_jax import kernels as kernels_lib
 from dsp_jax import pruning as prune_lib
 
 PyTree = Any
 Array = jax.Array
-
-
-def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
-  """``W ← W ⊙ mask``; every norm bias zeroed where its (masked) γ is 0.
-
-  Conv kernel masks ``(I, O)`` broadcast over the spatial kernel, dense masks
-  ``(in, out)`` multiply the kernel, norm masks ``(C,)`` multiply γ and β.
-  Pure and jittable; modules without a mask pass through, but every norm's
-  bias is still zeroed where its γ is exactly 0 (as the reference does after
-  each fine-tuning step).
-
-  Args:
-    params: the ``params`` tree.
-    masks: a (possibly partial) ``masks`` collection.
-
-  Returns:
-    The masked params.
-  """
-
-  def walk(p, m):
-    out = {}
-    for k, v in p.items():
-      mk = m.get(k) if m is not None else None
-      if hasattr(v, "items"):
-        out[k] = walk(v, mk if hasattr(mk, "items") else None)
-      elif k == "kernel" and mk is not None:
-        out[k] = v * (mk[None, None] if v.ndim == 4 else mk).astype(v.dtype)
-      elif k in ("scale", "bias") and "scale" in p and m is not None and (
-          "scale" in m):
-        out[k] = v * m["scale"].astype(v.dtype)
-      else:
-        out[k] = v
-    if "scale" in p and "bias" in p and not hasattr(p["scale"], "items"):
-      out["bias"] = jnp.where(out["scale"] == 0, 0, out["bias"]).astype(
-          p["bias"].dtype)
-    return out
-
-  return walk(params, masks)
 
 
 class Best(NamedTuple):
@@ -91,7 +55,8 @@ def update_best(best: Best | None, metric: float, epoch: int, params: PyTree,
               float(p_flops))
 
 
-def reprune(best: Best, gates: PyTree, info: li.LayerInfo, *, groups: int,
+def reprune(best: Best, gates: PyTree, info: kernels_lib.Graph, *,
+            groups: int,
             fp_every: int | None = None,
             fp_layers: Sequence[int] | None = None,
             parity: bool = True) -> prune_lib.PruneResult:
@@ -100,7 +65,7 @@ def reprune(best: Best, gates: PyTree, info: li.LayerInfo, *, groups: int,
   Args:
     best: the best result so far (its weights are the search's start).
     gates: the group logits.
-    info: the taking-part layers.
+    info: the model's graph (``dsp_jax.analyze``).
     groups: G.
     fp_every: n of the filter-pruning rule (None: derived, see ``prune``).
     fp_layers: explicit fp layer indices.

@@ -11,18 +11,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dsp_jax import layer_info as li
+from dsp_jax import kernels as kernels_lib
+from models import paths
+from models import pruning
 
 Array = jax.Array
 PyTree = Any
 
 
-def init_gates(info: li.LayerInfo, groups: int, *, key: Array | None = None,
-               scale: float = 1.0, dtype: Any = jnp.float32) -> PyTree:
-  """Group logits for every taking-part conv.
+def init_gates(info: kernels_lib.Graph, groups: int, *,
+               key: Array | None = None, scale: float = 1.0,
+               dtype: Any = jnp.float32) -> PyTree:
+  """Group logits for every taking-part layer.
 
   Args:
-    info: the taking-part layers.
+    info: the model's graph (``dsp_jax.analyze``).
     groups: G.
     key: when given, logits are ``scale * N(0, 1)`` (random logits, as parity
       tests need); otherwise zeros, as the reference initialises them.
@@ -35,19 +38,17 @@ def init_gates(info: li.LayerInfo, groups: int, *, key: Array | None = None,
   Raises:
     ValueError: if ``groups`` exceeds the filters of a layer.
   """
-  tree: dict = {}
-  for j, c in enumerate(info.convs):
-    if not 1 <= groups <= c.out_features:
-      raise ValueError(f"{c.name}: groups must be in [1, {c.out_features}] "
-                       f"(the layer has {c.out_features} filters), got {groups}")
+  pruning.check_groups(info, groups)
+  flat = {}
+  for j, c in enumerate(info.taking_part):
     shape = (groups, c.out_features)
     if key is None:
       logits = jnp.zeros(shape, dtype)
     else:
       logits = scale * jax.random.normal(jax.random.fold_in(key, j), shape,
                                          dtype)
-    tree = li.replace(tree, c.path, {"logits": logits})
-  return tree
+    flat[c.path + ("logits",)] = logits
+  return paths.unflatten(flat)
 
 
 def gumbel_noise(key: Array, gates: PyTree) -> PyTree:

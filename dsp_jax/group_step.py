@@ -18,8 +18,9 @@ import optax
 from flax import linen as nn
 
 from dsp_jax import gates as gates_lib
-from dsp_jax import layer_info as li
+from dsp_jax import kernels as kernels_lib
 from dsp_jax import regularizer as reg
+import models
 
 Array = jax.Array
 PyTree = Any
@@ -108,15 +109,15 @@ def _with_gate_opt_state(state: Any, gate_opt_state: optax.OptState) -> Any:
   return state.replace(extra={**state.extra, GATE_OPT_KEY: gate_opt_state})
 
 
-def _flat_logits(gates: PyTree, info: li.LayerInfo) -> dict:
-  return {c.path: li.get(gates, c.path)["logits"] for c in info.convs}
+def _flat_logits(gates: PyTree, info: kernels_lib.Graph) -> dict:
+  return {c.path: kernels_lib.logits(gates, c) for c in info.taking_part}
 
 
 def make_group_step(
     model: nn.Module, *, groups: int, lam: float,
     lr_schedule: Schedule, total_steps: int, temperature: float = 0.5,
     q: float = 0.5, momentum: float = 0.9, weight_decay: float = 1e-3,
-    gate_lr: float = 1e-3, layer_info: li.LayerInfo | None = None,
+    gate_lr: float = 1e-3, layer_info: kernels_lib.Graph | None = None,
     augment_fn: Callable[[Array, Array], Array] | None = None,
     exact: bool = False, jit: bool = True, donate: bool = False,
     direction: optax.GradientTransformation | None = None,
@@ -124,7 +125,8 @@ def make_group_step(
   """Builds ``step(state, batch, noise=None) -> (state, metrics)``.
 
   Args:
-    model: the Flax model (built with ``groups=G``).
+    model: any Flax model (plain or ``models.prunable``-wrapped; its gates
+      live in the state).
     groups: G.
     lam: λ (``-r`` of the reference).
     lr_schedule: SGD learning rate as a function of the step.
@@ -134,8 +136,8 @@ def make_group_step(
     momentum: SGD momentum.
     weight_decay: coupled weight decay.
     gate_lr: Adam learning rate of the logits.
-    layer_info: the taking-part layers; derived from the batch's image shape
-      at trace time when omitted.
+    layer_info: the model's graph (``dsp_jax.analyze``); derived from the
+      batch's image shape at trace time when omitted.
     augment_fn: optional ``augment_fn(key, images) -> images``; the same
       augmented batch feeds both passes.
     exact: compute the step-7/9 group gradient by autodiff instead of the
@@ -158,6 +160,7 @@ def make_group_step(
   """
   tx = direction or sgd_direction(momentum, weight_decay)
   gate_tx = gate_optimizer(gate_lr)
+  model = models.prunable(model)
 
   def loss_and_grads(params, batch_stats, others, images, labels, rng):
     def loss_fn(p):
@@ -189,14 +192,14 @@ def make_group_step(
       noise = gates_lib.gumbel_noise(jax.random.fold_in(key, 0), state.gates)
     if augment_fn is not None:
       images = augment_fn(jax.random.fold_in(key, 1), images)
-    info = layer_info or li.analyze(model, images.shape[1:], images.dtype)
+    info = layer_info or kernels_lib.analyze(model, images.shape[1:])
     others = {"gates": state.gates}
     if getattr(state, "masks", None):
       others["masks"] = state.masks
     dtype = jax.tree.leaves(state.params)[0].dtype
     lr = jnp.asarray(lr_schedule(t), dtype)
     rho = lam * lr * (t + 1).astype(dtype) / total_steps
-    scales = {c.path: reg.layer_scale(c, groups) for c in info.convs}
+    scales = {c.path: reg.layer_scale(c, groups) for c in info.taking_part}
 
     # 1. Soft assignments.
     logits_in = _flat_logits(state.gates, info)
@@ -211,13 +214,13 @@ def make_group_step(
     params1, opt_state = sgd(state.params, grads, state.opt_state, lr)
 
     # 3-5. Terms at θ, then the penalised θ (W_ck).
-    kernel = li.kernel  # HWIO view (a dense kernel as a 1x1 conv)
+    kernel = kernels_lib.kernel  # HWIO view (a dense kernel as a 1x1 conv)
     terms = {c.path: reg.group_terms(kernel(params1, c), P[c.path], q)
-             for c in info.convs}
+             for c in info.taking_part}
     params_ck = params1
-    for c in info.convs:
+    for c in info.taking_part:
       w = kernel(params1, c) - rho * reg.penalty(terms[c.path], scales[c.path])
-      params_ck = li.with_kernel(params_ck, c, w)
+      params_ck = kernels_lib.with_kernel(params_ck, c, w)
 
     # 6. Look-ahead step on the same batch with a copy of the momentum.
     _, _, _, grads2 = loss_and_grads(params_ck, stats1, others, images,
@@ -226,7 +229,7 @@ def make_group_step(
 
     # 7-9. Group gradient at the look-ahead weights.
     gamma = {}
-    for c in info.convs:
+    for c in info.taking_part:
       w2 = kernel(params2, c)
       terms2 = reg.group_terms(w2, P[c.path], q)
       w3 = w2 - rho * reg.penalty(terms2, scales[c.path])

@@ -5,9 +5,9 @@ the level of ``(I, O)`` kernel-connectivity matrices: the sorted importances
 and their cumulative sums are computed once, so a prune costs a few small
 array operations per layer and the 11-prune search runs in milliseconds.
 
-Masks follow the ``masks`` collection of ``models.layers``: a conv kernel mask
-is ``(I, O)`` (the spec's ``mask[o, i]`` transposed), a norm mask ``(C,)``
-multiplies both scale and bias.
+Masks follow the ``masks`` collection of ``models.prunable``: a conv kernel
+mask is ``(I, O)`` (the spec's ``mask[o, i]`` transposed), a norm mask
+``(C,)`` multiplies both scale and bias.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ import jax
 import numpy as np
 
 from dsp_jax import gates as gates_lib
-from dsp_jax import layer_info as li
+from dsp_jax import kernels as kernels_lib
+from models import flops as flops_lib
+from models import graph as graph_lib
+from models import paths
+from models import pruning as pruning_lib
 
 PyTree = Any
 
@@ -32,7 +36,8 @@ class PruneResult:
   """The outcome of one prune (or of a rate search).
 
   Attributes:
-    params: params with pruned kernels and dead BatchNorm γ/β zeroed.
+    params: params with the masks applied (pruned kernels, dead norms and
+      their biases zeroed).
     masks: a full ``masks`` collection (ones where nothing is pruned).
     beta: the threshold of the returned prune.
     p_flops: pruned FLOPs in %, the reference's measure (taking-part convs).
@@ -44,7 +49,7 @@ class PruneResult:
     table: per layer, per group ``(filters, kept input channels)``.
     trajectory: ``(beta, p_flops)`` of every prune of the search.
     whole_model: whole-model figures from ``models.flops`` (pruned
-      whole-model MACs/params in %, counts), when ``info`` knows its model.
+      whole-model MACs/params in %, counts).
   """
 
   params: PyTree
@@ -92,130 +97,103 @@ def _normalised_sorted(x: np.ndarray):
   return x, s, np.cumsum(s, axis=-1)
 
 
-class _Flow:
-  """Dead-structure removal (spec §3 step 4) over a channel-flow structure.
+class _DeadStructure:
+  """Dead-structure removal (spec §3 step 4): the reference's criterion.
 
-  The rule is the reference's criterion, exactly-zero weight gradients over
-  random train-mode batches on the masked network, derived without passes:
+  The reference sums weight gradients of random train-mode batches on the
+  masked network and zeroes every conv filter, conv input channel and norm
+  (γ, β) whose gradient is exactly zero. The graph's channel program gives
+  the same pattern without passes (``models.graph.liveness``): per channel,
+  whether it is identically constant (and which constant) and whether a
+  gradient reaches it. Per pass:
 
-  * forward, in call order: an input channel of a layer is identically zero
-    when the channel it reads is zero in every producer of its residual
-    space; a layer's output channel is constant when no kept kernel reads a
-    non-zero input; after a norm a constant channel is its masked β
-    (train-mode statistics), and a norm followed by ReLU (a producer alone in
-    its space) makes it zero when that β ≤ 0; without a norm it is its bias
-    (masked, as the layer masks it: zero once no kernel of the unit is kept).
-  * backward, in reverse call order: a channel of a space is used when a
-    kept kernel of a reader whose output is used reads it (spaces that reach
-    the logits or a channel-mixing operation are always used); a layer's
-    output is used when its space's channel is, its norm mask is not zero,
-    and ReLU does not block a constant β ≤ 0.
-  * a kernel (i, o) of a taking-part conv dies when input i is zero or output
-    o unused; its norm dies (γ and β) when its input is constant or its
-    output unused. Stem, shortcut convs, their norms and dense layers outside
-    the taking-part set are never changed.
+  * a taking-part kernel (i, o) dies when input i is identically zero or no
+    gradient reaches output o;
+  * a norm channel dies (γ, β) when its input is constant (a centring norm:
+    ``x - mean`` is 0 and γ's gradient with it) or zero (a scale), or no
+    gradient reaches its output;
+  * a depthwise conv channel dies when its input is zero or its output
+    gets no gradient.
 
-  For the two-conv residual block this is the reference's one-pass rule:
-  ``a_o`` (conv_a row o kept) and ``r_o = a_o or β_a[o] > 0`` decide conv_b's
-  input channels, ``c_o`` (conv_b column o kept) conv_a's filters, and so on.
+  Stem, shortcut convs and dense layers outside the taking-part set are
+  never changed. For the two-conv residual block this is the reference's
+  one-pass rule (``a_o``, ``c_o``, ``r_o = a_o or β_a[o] > 0``: a fully
+  masked conv_a filter still emits ReLU(β_a[o])); ``propagate`` iterates it
+  to the fixed point.
   """
 
-  def __init__(self, st: Any, params: PyTree, paths: Sequence[li.Path]):
-    from models import structure  # pylint: disable=g-import-not-at-top
-    self.prods = st.producers
-    self.tp = {p: l for l, p in enumerate(paths)}
-    self.fixed = {l.path: structure.connectivity(l, None, params)
-                  for l in self.prods if l.path not in self.tp}
-    self.space = {p: i for i, sp in enumerate(st.spaces) for p in sp}
-    self.alone = {l.path: len(st.spaces[self.space[l.path]]) == 1
-                  for l in self.prods}
-    self.members = [sorted(sp, key=lambda p: st[p].order) for sp in st.spaces]
-    self.pinned = {i for i, sp in enumerate(st.spaces)
-                   if sp & (st.outputs | st.mixed)}
-    self.readers: dict[int, list] = {}
-    for l in self.prods:
-      if l.inputs and l.aligned:
-        self.readers.setdefault(self.space[l.inputs[0]], []).append(l)
-    self.beta, self.bias = {}, {}
-    for l in self.prods:
-      node = li.get(params, l.path)
-      self.bias[l.path] = (np.asarray(node["bias"], np.float64)
-                           if "bias" in node else None)
-      if l.norm is not None:
-        self.beta[l.path] = np.asarray(li.get(params, l.norm)["bias"],
-                                       np.float64)
+  def __init__(self, graph: Any, params: PyTree, tp: Sequence[Any]):
+    self.graph, self.params = graph, params
+    self.tp = list(tp)
+    tp_paths = {l.path for l in self.tp}
+    self.fixed = {l.path: graph_lib.connectivity(l, None, params)
+                  for l in graph.weighted
+                  if l.path not in tp_paths and not l.depthwise}
+    self.dw = [l for l in graph.weighted if l.depthwise]
+    # The norms of the stem, the shortcut convs and other layers that do not
+    # take part are never changed (spec §3 step 4).
+    self.norms = [l for l in graph.norms if l.follows is None
+                  or l.follows in tp_paths or graph[l.follows].depthwise]
+    self.dw_w = {l.path: graph_lib.connectivity(l, None, params)
+                 for l in self.dw}
+    self.base = pruning_lib.full_masks(graph, params)
 
-  def _pass(self, masks, abs_w, nm):
-    live = {p: (abs_w[l] * masks[l] > 0) for p, l in self.tp.items()}
-    live.update(self.fixed)
-    zero_out, blocked, zero_in, const = {}, {}, {}, {}
-    for l in self.prods:
-      p = l.path
-      if l.inputs and l.aligned:
-        mem = self.members[self.space[l.inputs[0]]]
-        if all(q in zero_out for q in mem):
-          z = np.logical_and.reduce([zero_out[q] for q in mem])
-        else:  # a later producer of the space still adds to it
-          z = np.zeros(zero_out[mem[0]].shape, bool)
-        zero_in[p] = z[l.channel_map()]
-      else:
-        zero_in[p] = np.zeros((l.in_features,), bool)
-      const[p] = ~np.any(live[p] & ~zero_in[p][:, None], axis=0)
-      if l.norm is not None:
-        m = nm.get(self.tp.get(p), np.ones((l.out_features,)))
-        value = self.beta[p] * m
-        off = m == 0
-        zero, block = off | (const[p] & (value == 0)), off
-        if self.alone[p]:  # norm -> ReLU
-          zero = block = off | (const[p] & (value <= 0))
-      else:
-        b = self.bias[p]
-        if b is not None and p in self.tp:
-          # A layer masks its bias with its kernel (models.layers): a unit
-          # with no kept kernel left outputs 0, not its bias.
-          b = b * np.max(masks[self.tp[p]], axis=0)
-        zero = const[p] & (True if b is None else b == 0)
-        block = np.zeros((l.out_features,), bool)
-      zero_out[p], blocked[p] = zero, block
-    used_out, used_space = {}, {}
-    for l in reversed(self.prods):
-      i = self.space[l.path]
-      if i not in used_space:
-        if i in self.pinned:
-          u = np.ones((l.out_features,), bool)
-        else:
-          u = np.zeros((l.out_features,), bool)
-          for q in self.readers.get(i, []):
-            if q.path not in used_out:
-              u[:] = True  # read before this producer: count it as used
-              break
-            col = (live[q.path] & used_out[q.path][None, :]).any(axis=1)
-            np.logical_or.at(u, q.channel_map(), col)
-        used_space[i] = u
-      used_out[l.path] = used_space[i] & ~blocked[l.path]
-    new_masks, new_nm = [], {}
-    for p, l in self.tp.items():
-      new_masks.append(masks[l] * (~zero_in[p])[:, None]
-                       * used_out[p][None, :])
-    for layer in self.prods:
-      l = self.tp.get(layer.path)
-      if l is not None and layer.norm is not None:
-        m = nm.get(l, np.ones((layer.out_features,)))
-        new_nm[l] = m * (~const[layer.path]
-                         & used_space[self.space[layer.path]])
-    return new_masks, new_nm
+  def _masks(self, kernel_masks, nm, dwm) -> PyTree:
+    flat = paths.flatten(self.base)
+    for l, m in zip(self.tp, kernel_masks):
+      flat[l.kernel_path[1:]] = m
+    for p, m in nm.items():
+      flat[p + ("scale",)] = m
+    for p, m in dwm.items():
+      flat[self.graph[p].kernel_path[1:]] = m
+    return paths.unflatten(flat)
 
-  def remove(self, masks, abs_w, propagate):
-    """One pass (or the fixed point) of the rule; (kernel masks, BN masks)."""
-    masks, nm = list(masks), {}
+  def _pass(self, kernel_masks, abs_w, nm, dwm):
+    live = dict(self.fixed)
+    for l, m, a in zip(self.tp, kernel_masks, abs_w):
+      live[l.path] = a * m > 0
+    for l in self.dw:
+      live[l.path] = self.dw_w[l.path] & (dwm.get(l.path, 1.0) != 0)
+    masks = self._masks(kernel_masks, nm, dwm)
+    ev = graph_lib.evaluate(self.graph, self.params, masks, live)
+    prog = self.graph.program
+    new_masks = []
+    for l, m in zip(self.tp, kernel_masks):
+      zero_in = ev.input_values(self.graph, l.path) == 0
+      _, used_out = ev.output(self.graph, l.path)
+      new_masks.append(m * (~zero_in)[:, None] * used_out[None, :])
+    new_nm = {}
+    for l in self.norms:
+      node = prog.norm_of.get(l.path)
+      if node is None:
+        continue
+      x = prog.node_input(ev.values, node)
+      flat = ~np.isnan(x) if l.centres else x == 0
+      alive = ~flat & ev.used[node]
+      new_nm[l.path] = nm.get(l.path, np.ones(alive.shape)) * alive
+    new_dwm = {}
+    for l in self.dw:
+      x = ev.input_values(self.graph, l.path)
+      _, used = ev.output(self.graph, l.path)
+      keep = ~(x == 0) & used
+      old = dwm.get(l.path, np.ones((1, l.out_features)))
+      new_dwm[l.path] = old * keep[None, :]
+    return new_masks, new_nm, new_dwm
+
+  def remove(self, kernel_masks, abs_w, propagate):
+    """One pass (or the fixed point); (kernel masks, norm masks, depthwise
+    masks), the last two by module path."""
+    masks, nm, dwm = list(kernel_masks), {}, {}
     while True:
-      new_masks, new_nm = self._pass(masks, abs_w, nm)
+      new_masks, new_nm, new_dwm = self._pass(masks, abs_w, nm, dwm)
       done = (all(np.array_equal(a, b) for a, b in zip(new_masks, masks))
-              and all(np.array_equal(new_nm[k], nm.get(k, 1.0 + 0 * v))
-                      for k, v in new_nm.items()))
-      masks, nm = new_masks, new_nm
+              and all(np.array_equal(v, nm.get(k, np.ones_like(v)))
+                      for k, v in new_nm.items())
+              and all(np.array_equal(v, dwm.get(k, np.ones_like(v)))
+                      for k, v in new_dwm.items()))
+      masks, nm, dwm = new_masks, new_nm, new_dwm
       if not propagate or done:
-        return masks, nm
+        return masks, nm, dwm
 
 
 class Pruner:
@@ -224,30 +202,31 @@ class Pruner:
   Args:
     params: group-learned (unpruned) params.
     gates: group logits (``gates`` collection layout).
-    info: the taking-part layers.
+    info: the model's graph (``dsp_jax.analyze``).
     groups: G (must match the logits).
     fp_every: n of the every-n-th filter-pruning rule; None: the fp layers
-      ``info`` derived from the structure (every 2nd layer when it has none).
+      derived from the graph (``kernels.derived_fp``).
     fp_layers: explicit fp layer indices (override ``fp_every``).
     parity: keep the reference's cnt_g = 0 rule (whole group pruned).
   """
 
-  def __init__(self, params: PyTree, gates: PyTree, info: li.LayerInfo,
+  def __init__(self, params: PyTree, gates: PyTree, info: graph_lib.Graph,
                groups: int, *, fp_every: int | None = None,
                fp_layers: Sequence[int] | None = None, parity: bool = True):
     gates_lib.check_groups(gates, groups)
     self.params, self.info, self.groups, self.parity = (params, info, groups,
                                                         parity)
-    if fp_layers is None and fp_every is None and info.fp is not None:
-      fp_layers = info.fp
-    self.fp = set(fp_layer_indices(len(info.convs), fp_every or 2, fp_layers))
+    tp = info.taking_part
+    if fp_layers is None and fp_every is None:
+      fp_layers = kernels_lib.derived_fp(info)
+    self.fp = set(fp_layer_indices(len(tp), fp_every or 2, fp_layers))
     self.layers = []
-    for l, c in enumerate(info.convs):
+    for l, c in enumerate(tp):
       if groups > c.out_features:
         raise ValueError(f"{c.name}: groups={groups} exceeds its "
                          f"{c.out_features} filters")
-      w = np.asarray(li.kernel(params, c), np.float64)  # HWIO view
-      logits = np.asarray(li.get(gates, c.path)["logits"])
+      w = np.asarray(kernels_lib.kernel(params, c), np.float64)  # HWIO view
+      logits = np.asarray(kernels_lib.logits(gates, c))
       # H = one_hot(argmax_g A), ties to the lowest group (as gates.py).
       hard = np.eye(groups)[:, np.argmax(logits, axis=0)]
       w2 = np.sum(np.square(w), axis=(0, 1))           # (I, O)
@@ -259,10 +238,9 @@ class Pruner:
         f, f_s, f_c = _normalised_sorted(np.sum(w2, axis=0)[None])
         entry.update(f=f[0], f_s=f_s, f_c=f_c)
       self.layers.append(entry)
-    self.flops = np.array([c.flops for c in info.convs], np.float64)
-    self.nparams = np.array([c.params for c in info.convs], np.float64)
-    self.flow = (None if info.structure is None else
-                 _Flow(info.structure, params, info.paths))
+    self.flops = np.array([c.flops for c in tp], np.float64)
+    self.nparams = np.array([np.prod(c.kernel_shape) for c in tp], np.float64)
+    self.dead = _DeadStructure(info, params, tp)
 
   def channel_masks(self, beta: float):
     """Steps 1-3: kernel masks ``(I, O)`` per layer, and emptied groups."""
@@ -282,19 +260,18 @@ class Pruner:
     return masks, empty
 
   def dead_structure(self, masks: list[np.ndarray], propagate: bool = False):
-    """Step 4 over the channel-flow structure; new kernel and BN masks.
+    """Step 4 over the graph; new kernel, norm and depthwise masks.
 
     Args:
       masks: kernel masks from ``channel_masks``.
       propagate: iterate the rule to a fixed point instead of one pass.
 
     Returns:
-      ``(kernel_masks, norm_masks)``; ``norm_masks[l]`` is the ``(O,)`` mask
-      of the BatchNorm after taking-part layer l (when it has one).
+      ``(kernel_masks, norm_masks, depthwise_masks)``; the last two map a
+      module path to its ``(C,)`` / ``(1, C)`` mask.
     """
-    if self.flow is None:
-      return list(masks), {}
-    return self.flow.remove(masks, [e["abs"] for e in self.layers], propagate)
+    return self.dead.remove(masks, [e["abs"] for e in self.layers],
+                            propagate)
 
   def pruned_fraction(self, masks: list[np.ndarray]) -> tuple[float, float]:
     """Reference P.FLOPS / P.PARAMS in % (step 5)."""
@@ -310,15 +287,15 @@ class Pruner:
 
   def flops_at(self, beta: float) -> float:
     masks, _ = self.channel_masks(beta)
-    masks, _ = self.dead_structure(masks)
+    masks, _, _ = self.dead_structure(masks)
     return self.pruned_fraction(masks)[0]
 
   def result(self, beta: float, trajectory=()) -> PruneResult:
     """The full prune at β: params, masks collection, figures, table."""
     masks0, empty = self.channel_masks(beta)
-    masks, norm = self.dead_structure(masks0)
+    masks, norm, dw = self.dead_structure(masks0)
     pf, pp = self.pruned_fraction(masks)
-    pmasks, _ = self.dead_structure(masks0, propagate=True)
+    pmasks, _, _ = self.dead_structure(masks0, propagate=True)
     ppf, ppp = self.pruned_fraction(pmasks)
     if empty and self.parity:
       warnings.warn(
@@ -328,68 +305,36 @@ class Pruner:
           + ("..." if len(empty) > 8 else "")
           + f"; fully propagated P.FLOPS {ppf:.2f}% vs {pf:.2f}%",
           stacklevel=2)
-    params, mask_tree = self.params, full_masks(self.params)
+    flat = paths.flatten(pruning_lib.full_masks(self.info, self.params))
+    for e, m in zip(self.layers, masks):
+      key = e["conv"].kernel_path[1:]
+      flat[key] = m.astype(flat[key].dtype)
+    for p, m in norm.items():
+      flat[p + ("scale",)] = m.astype(flat[p + ("scale",)].dtype)
+    for p, m in dw.items():
+      key = self.info[p].kernel_path[1:]
+      flat[key] = m.astype(flat[key].dtype)
+    mask_tree = paths.unflatten(flat)
+    params = jax.tree.map(np.asarray, pruning_lib.apply_masks(
+        jax.tree.map(np.asarray, self.params), mask_tree))
     table = []
-    for l, (e, m) in enumerate(zip(self.layers, masks)):
-      c = e["conv"]
-      k = np.asarray(li.kernel(params, c))
-      params = li.with_kernel(params, c, k * m[None, None].astype(k.dtype))
-      mnode = li.get(mask_tree, c.path)
-      mask_tree = li.replace(mask_tree, c.path,
-                             {**mnode, "kernel": m.astype(mnode["kernel"].dtype)})
-      if l in norm and c.norm is not None:
-        bn = li.get(params, c.norm)
-        nm = norm[l]
-        params = li.replace(params, c.norm, {
-            **bn, "scale": np.asarray(bn["scale"]) * nm.astype(
-                np.asarray(bn["scale"]).dtype),
-            "bias": np.asarray(bn["bias"]) * nm.astype(
-                np.asarray(bn["bias"]).dtype)})
-        bm = li.get(mask_tree, c.norm)
-        mask_tree = li.replace(mask_tree, c.norm,
-                               {**bm, "scale": nm.astype(bm["scale"].dtype)})
+    for e, m in zip(self.layers, masks):
       live = e["abs"] * m > 0
       per_group = []
       for g in range(self.groups):
         filt = e["H"][g] > 0
         per_group.append((int(np.sum(live.any(axis=0) & filt)),
                           int(np.sum(live[:, filt].any(axis=1)))))
-      table.append((c.name, tuple(per_group)))
-    params = jax.tree.map(np.asarray, params)
+      table.append((e["conv"].name, tuple(per_group)))
     return PruneResult(params, mask_tree, float(beta), pf, pp, ppf, ppp,
                        tuple(empty), tuple(table), tuple(trajectory),
                        _whole_model(self.info, params, mask_tree))
 
 
-def full_masks(params: PyTree) -> PyTree:
-  """A ``masks`` collection of ones for every Conv/Dense kernel and norm."""
-
-  def walk(node):
-    out = {}
-    for k, v in node.items():
-      if isinstance(v, dict) or hasattr(v, "items") and not hasattr(v, "shape"):
-        sub = walk(v)
-        if sub:
-          out[k] = sub
-      elif k == "kernel" and np.ndim(v) == 4:
-        out[k] = np.ones(np.shape(v)[2:], np.asarray(v).dtype)
-      elif k == "kernel" and np.ndim(v) == 2:
-        out[k] = np.ones(np.shape(v), np.asarray(v).dtype)
-      elif k == "scale":
-        out[k] = np.ones(np.shape(v), np.asarray(v).dtype)
-    return out
-
-  return walk(params)
-
-
-def _whole_model(info: li.LayerInfo, params: PyTree,
-                 masks: PyTree) -> dict | None:
-  """Whole-model figures from ``models.flops`` (needs ``info.model``)."""
-  if info.model is None:
-    return None
-  from models import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  rep = flops_lib.report(info.model, {"params": params, "masks": masks},
-                         info.image_shape[:2], info.image_shape[2])
+def _whole_model(info: graph_lib.Graph, params: PyTree,
+                 masks: PyTree) -> dict:
+  """Whole-model figures from ``models.flops``."""
+  rep = flops_lib.report_graph(info, {"params": params, "masks": masks})
   return {"pflops_whole_model": rep.pflops_whole_model,
           "pparams_whole_model": rep.pparams_whole_model,
           "macs": rep.macs, "macs_dense": rep.macs_dense,
@@ -398,7 +343,7 @@ def _whole_model(info: li.LayerInfo, params: PyTree,
           "dsp_pparams": float(rep.dsp_pparams)}
 
 
-def prune_at(params: PyTree, gates: PyTree, info: li.LayerInfo, *,
+def prune_at(params: PyTree, gates: PyTree, info: graph_lib.Graph, *,
              groups: int, beta: float, fp_every: int | None = None,
              fp_layers: Sequence[int] | None = None,
              parity: bool = True) -> PruneResult:
@@ -441,7 +386,7 @@ def rate_search_betas(pruner: Pruner, rate: float) -> tuple[float, list]:
   return beta, trials
 
 
-def prune(params: PyTree, gates: PyTree, info: li.LayerInfo, *, groups: int,
+def prune(params: PyTree, gates: PyTree, info: graph_lib.Graph, *, groups: int,
           rate: float, fp_every: int | None = None,
           fp_layers: Sequence[int] | None = None,
           parity: bool = True) -> PruneResult:

@@ -1,7 +1,7 @@
 """The DSP group regulariser of one layer (spec §2.2), as pure functions.
 
 Shapes: ``W`` is one conv kernel in HWIO layout ``(k, k, I, O)`` (a dense
-kernel as ``(1, 1, I, O)``, see ``layer_info.kernel``); ``P`` is a
+kernel as ``(1, 1, I, O)``, see ``kernels.kernel``); ``P`` is a
 group assignment ``(G, O)`` (soft or hard). The per-group quantities carry a
 leading group axis: ``ell (G, I)``, ``N, D (G, k, k, I, O)``, ``d, ds (G, O)``,
 ``s (G,)``.
@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dsp_jax import layer_info as li
+from dsp_jax import kernels as kernels_lib
 
 Array = jax.Array
 PyTree = Any
@@ -34,9 +34,10 @@ class GroupTerms(NamedTuple):
   ds: Array
 
 
-def layer_scale(conv: li.ConvInfo, groups: int) -> float:
+def layer_scale(conv: kernels_lib.LayerInfo, groups: int) -> float:
   """``c = sqrt(insize_l) * k * (G / O) ** 1.5``."""
-  return math.sqrt(conv.insize) * conv.k * (groups / conv.out_features) ** 1.5
+  return (math.sqrt(kernels_lib.insize(conv)) * conv.kernel_size[0]
+          * (groups / conv.out_features) ** 1.5)
 
 
 def group_terms(W: Array, P: Array, q: float = 0.5) -> GroupTerms:
@@ -118,23 +119,23 @@ def exact_group_gradient(W: Array, W_prime: Array, delta: Array, P: Array,
 
 
 def penalise(params: PyTree, assignments: dict, rho: Array,
-             info: li.LayerInfo, groups: int, q: float = 0.5) -> PyTree:
-  """``W ← W − ρ Π(W, P)`` for every taking-part conv.
+             info: kernels_lib.Graph, groups: int, q: float = 0.5) -> PyTree:
+  """``W ← W − ρ Π(W, P)`` for every taking-part layer.
 
   Args:
     params: the ``params`` tree.
     assignments: ``{path: P (G, O)}``.
     rho: the ramp ρ_t.
-    info: the taking-part layers.
+    info: the model's graph.
     groups: G.
     q: quasi-norm order.
 
   Returns:
     The penalised params.
   """
-  for conv in info.convs:
-    W = li.kernel(params, conv)
+  for conv in info.taking_part:
+    W = kernels_lib.kernel(params, conv)
     terms = group_terms(W, assignments[conv.path], q)
     W = W - rho * penalty(terms, layer_scale(conv, groups)).astype(W.dtype)
-    params = li.with_kernel(params, conv, W)
+    params = kernels_lib.with_kernel(params, conv, W)
   return params

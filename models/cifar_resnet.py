@@ -38,12 +38,11 @@ class BasicBlock(nn.Module):
 
   features: int
   strides: int = 1
-  groups: int | None = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = dict(groups=self.groups, param_dtype=self.param_dtype)
+    kw = dict(param_dtype=self.param_dtype)
     y = layers.Conv(self.features, 3, self.strides, 1, name="conv_a", **kw)(x)
     y = layers.BatchNorm(name="bn_a", param_dtype=self.param_dtype)(y, train)
     y = nn.relu(y)
@@ -61,13 +60,12 @@ class Stage(nn.Module):
   features: int
   blocks: int
   strides: int
-  groups: int | None = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     for b in range(self.blocks):
-      x = BasicBlock(self.features, self.strides if b == 0 else 1, self.groups,
+      x = BasicBlock(self.features, self.strides if b == 0 else 1,
                      self.param_dtype, name=str(b))(x, train)
     return x
 
@@ -79,15 +77,12 @@ class CifarResNet(nn.Module):
     depth: network depth, 6n+2.
     num_classes: classifier outputs.
     widths: channels of the stem and of the three stages.
-    groups: DSP group count for the taking-part convs (conv_a, conv_b of every
-      block); None creates no gates.
     param_dtype: dtype of the variables (float64 for parity checks).
   """
 
   depth: int = 20
   num_classes: int = 10
   widths: tuple[int, int, int] = (16, 32, 64)
-  groups: int | None = None
   image_size: int | None = 32
   param_dtype: Any = jnp.float32
 
@@ -102,7 +97,7 @@ class CifarResNet(nn.Module):
                     param_dtype=pd)(x)
     x = nn.relu(layers.BatchNorm(name="bn_1", param_dtype=pd)(x, train))
     for s, width in enumerate(self.widths):
-      x = Stage(width, n, 1 if s == 0 else 2, self.groups, pd,
+      x = Stage(width, n, 1 if s == 0 else 2, pd,
                 name=f"stage_{s + 1}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return layers.Dense(

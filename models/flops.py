@@ -26,7 +26,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from models import structure as structure_lib
+from models import graph as graph_lib
+from models import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,6 @@ class LayerRow:
     macs: multiply-accumulates of the surviving kernels.
     params_dense: parameters of the dense layer (kernel, bias; scale, bias).
     params: parameters left.
-    insize: DSP ``insize_l`` (input elements / (16*32*32)).
   """
 
   name: str
@@ -55,7 +55,6 @@ class LayerRow:
   macs: int
   params_dense: int
   params: int
-  insize: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +88,7 @@ def _pruned(left: float, total: float) -> float:
   return 100.0 * (1.0 - left / total) if total else 0.0
 
 
-def connectivities(struct: structure_lib.ModelStructure,
+def connectivities(struct: graph_lib.Graph,
                    params: Mapping[str, Any] | None,
                    masks: Mapping[str, Any] | None,
                    remove_dead: bool = False) -> dict[tuple[str, ...],
@@ -106,15 +105,16 @@ def connectivities(struct: structure_lib.ModelStructure,
   Returns:
     Layer path -> boolean (in_features, out_features).
   """
-  conn = {l.path: structure_lib.connectivity(l, masks, params)
-          for l in struct.producers}
+  conn = {l.path: graph_lib.connectivity(l, masks, params)
+          for l in struct.weighted}
   if remove_dead:
-    dead = structure_lib.dead_channels(struct, masks, params)
-    conn = {p: c & ~dead[p][None, :] for p, c in conn.items()}
+    dead = graph_lib.dead_channels(struct, masks, params)
+    conn = {p: c & ~dead[p][None, :] if p in dead else c
+            for p, c in conn.items()}
   return conn
 
 
-def dsp_measure(struct: structure_lib.ModelStructure,
+def dsp_measure(struct: graph_lib.Graph,
                 params: Mapping[str, Any] | None,
                 masks: Mapping[str, Any] | None,
                 remove_dead: bool = False) -> tuple[float, float]:
@@ -144,23 +144,13 @@ def dsp_measure(struct: structure_lib.ModelStructure,
   return _pruned(flops_left, flops), _pruned(weights_left, weights)
 
 
-def _leaves(tree: Mapping[str, Any], prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_leaves(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
 def report(model, variables: Mapping[str, Any],
            image_size: int | Sequence[int] = 32, channels: int = 3,
            remove_dead: bool = False) -> FlopsReport:
   """DSP's measure and the whole-model counts for ``model`` under its masks.
 
   Args:
-    model: a zoo model.
+    model: any Flax model (plain or ``models.prunable``-wrapped).
     variables: its variables; ``params`` is required, ``masks`` optional
       (abstract ``jax.eval_shape`` leaves count as dense).
     image_size: input height = width, or (height, width).
@@ -172,12 +162,18 @@ def report(model, variables: Mapping[str, Any],
   Returns:
     The ``FlopsReport``.
   """
+  return report_graph(graph_lib.analyze(model, image_size, channels),
+                      variables, remove_dead)
+
+
+def report_graph(struct: graph_lib.Graph, variables: Mapping[str, Any],
+                 remove_dead: bool = False) -> FlopsReport:
+  """``report`` for a model's graph (``models.analyze``)."""
   if "params" not in variables:
     raise ValueError("variables must hold a 'params' collection; got "
                      f"{sorted(variables)}")
   params, masks = variables["params"], variables.get("masks")
-  struct = structure_lib.analyze(model, image_size, channels)
-  leaves = _leaves(params)
+  leaves = dict(paths.leaves(params))
   params_dense = sum(int(np.prod(np.shape(v))) for v in leaves.values())
   # Whole-model figures are structural: the masks decide what is removed. A
   # kernel that merely trained to zero (e.g. in an unpruned stem) still runs
@@ -189,14 +185,13 @@ def report(model, variables: Mapping[str, Any],
     counted.update(module)
     dense_params = sum(int(np.prod(np.shape(v))) for v in module.values())
     if l.kind == "norm":
-      keep = structure_lib.norm_alive(l, masks)
-      producer = l.inputs[0] if len(l.inputs) == 1 else None
-      if producer in alive_out and struct[producer].norm == l.path:
-        keep = keep & alive_out[producer]
+      keep = graph_lib.norm_alive(l, masks)
+      if l.follows in alive_out:
+        keep = keep & alive_out[l.follows]
       per_channel = dense_params // max(1, l.out_features)
       rows.append(LayerRow(l.name, l.kind, False, l.out_features,
                            int(keep.sum()), 0, 0, dense_params,
-                           int(keep.sum()) * per_channel, 0.0))
+                           int(keep.sum()) * per_channel))
       continue
     conn = conns[l.path]
     alive_out[l.path] = conn.any(axis=0)
@@ -206,7 +201,7 @@ def report(model, variables: Mapping[str, Any],
                         if l.path + ("bias",) in module else 0)
     rows.append(LayerRow(
         l.name, l.kind, l.takes_part, conn.size, surv, l.macs,
-        int(round(l.macs * surv / conn.size)), dense_params, left, l.insize))
+        int(round(l.macs * surv / conn.size)), dense_params, left))
   other = sum(int(np.prod(np.shape(v))) for p, v in leaves.items()
               if p not in counted)
   # Attention's activation-by-activation products run whatever is pruned.

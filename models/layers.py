@@ -1,25 +1,10 @@
-"""Flax Linen layers with explicit pruning variables.
+"""Flax Linen layers with PyTorch's numerics (the reference implementations).
 
-Every layer keeps the dense model in ``params`` and its pruning state in
-collections of its own:
-
-* ``masks``   0/1 masks multiplied into the forward pass. A conv or dense
-  kernel mask has shape ``(in_features, out_features)`` and is broadcast over
-  the spatial kernel; a norm mask has shape ``(features,)`` and multiplies
-  both scale and bias. Masks are created by ``init`` (all ones) and are
-  optional at ``apply``: without them the layer is dense.
-* ``gates``   DSP group logits of shape ``(groups, out_features)`` for the
-  convolutions (and transformer MLP Linears) that take part in DSP; created
-  only when ``groups`` is given.
-* ``ddrop``   DDROP keep probabilities ``(features,)``; when present and
-  ``train`` is true the layer output is multiplied by one Bernoulli draw per
-  sample and unit from the ``'ddrop'`` rng (no 1/keep rescaling).
-* ``ddrop_stats``  running mean of |activation| per unit, kept when that
-  collection is passed as mutable (DDROP's activation-statistics criterion).
-
-Numerics follow PyTorch (the reference implementations): symmetric integer
-padding, BatchNorm with momentum 0.1, eps 1e-5 and the unbiased running
-variance, LayerNorm eps 1e-5.
+Symmetric integer padding, Kaiming-normal (fan_out) conv init,
+``torch.nn.Linear``'s init, BatchNorm with momentum 0.1, eps 1e-5 and the
+unbiased running variance, LayerNorm eps 1e-5. They are plain layers: the
+pruning collections (masks, gates, DDROP) are honoured by
+``models.prunable`` for these and for any other Flax layer alike.
 """
 
 from __future__ import annotations
@@ -33,11 +18,6 @@ from flax import linen as nn
 
 Array = jax.Array
 Initializer = Callable[..., Array]
-
-MASKS = "masks"
-GATES = "gates"
-DDROP = "ddrop"
-DDROP_STATS = "ddrop_stats"
 
 # Kaiming normal, fan_out, ReLU gain: the conv init of both reference code bases.
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -53,52 +33,8 @@ def torch_linear_init(fan_in: int) -> Initializer:
   return init
 
 
-def _optional_variable(module: nn.Module, col: str, name: str, init_fn, *args):
-  """A variable created by ``init`` and optional at ``apply``; None if absent."""
-  if module.is_initializing() or module.has_variable(col, name):
-    return module.variable(col, name, init_fn, *args).value
-  return None
-
-
-def _group_gates(module: nn.Module, groups: int | None, features: int) -> None:
-  """DSP's ``gates/logits`` ``(groups, features)`` (zeros) when ``groups`` is set.
-
-  Gates only feed DSP's regulariser, never the forward pass: optional at
-  apply.
-  """
-  if groups is None:
-    return
-  if not 1 <= groups <= features:
-    raise ValueError(
-        f"{'/'.join(module.scope.path)}: groups must be in [1, {features}]"
-        f" (the layer has {features} filters), got {groups}")
-  _optional_variable(module, GATES, "logits", jnp.zeros, (groups, features),
-                     module.param_dtype)
-
-
-def unit_dropout(module: nn.Module, y: Array, train: bool) -> Array:
-  """DDROP: multiply units (last axis) by Bernoulli(keep) when keep is given.
-
-  One draw per sample and unit, broadcast over every axis between the batch
-  and the unit axis (spatial positions, tokens). Identity at evaluation.
-  """
-  if not module.has_variable(DDROP, "keep"):
-    return y
-  if module.is_mutable_collection(DDROP_STATS) and train:
-    stat = module.variable(DDROP_STATS, "abs_mean", jnp.zeros, (y.shape[-1],),
-                           y.dtype)
-    batch_mean = jnp.mean(jnp.abs(y), axis=tuple(range(y.ndim - 1)))
-    stat.value = 0.9 * stat.value + 0.1 * jax.lax.stop_gradient(batch_mean)
-  if not train:
-    return y
-  keep = jax.lax.stop_gradient(module.get_variable(DDROP, "keep"))
-  shape = (y.shape[0],) + (1,) * (y.ndim - 2) + (y.shape[-1],)
-  draw = jax.random.bernoulli(module.make_rng(DDROP), keep, shape)
-  return y * draw.astype(y.dtype)
-
-
 class Conv(nn.Module):
-  """2-D convolution (NHWC, HWIO kernel) with a kernel-connectivity mask.
+  """2-D convolution (NHWC, HWIO kernel), padded as ``torch.nn.Conv2d``.
 
   Attributes:
     features: output channels.
@@ -106,8 +42,6 @@ class Conv(nn.Module):
     strides: stride, both axes.
     padding: symmetric zero padding in pixels, as ``torch.nn.Conv2d``.
     use_bias: add a bias.
-    groups: DSP group count; when set, a ``gates/logits`` variable of shape
-      ``(groups, features)`` is created (zeros, as the reference).
     kernel_init: kernel initializer.
     param_dtype: dtype of created variables.
   """
@@ -117,7 +51,6 @@ class Conv(nn.Module):
   strides: int = 1
   padding: int = 1
   use_bias: bool = False
-  groups: int | None = None
   kernel_init: Initializer = kaiming_fan_out
   param_dtype: Any = jnp.float32
 
@@ -127,11 +60,6 @@ class Conv(nn.Module):
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init,
                         (k, k, in_features, self.features), self.param_dtype)
-    mask = _optional_variable(self, MASKS, "kernel", jnp.ones,
-                              (in_features, self.features), self.param_dtype)
-    _group_gates(self, self.groups, self.features)
-    if mask is not None:
-      kernel = kernel * mask[None, None]
     dtype = jnp.result_type(x.dtype, kernel.dtype)
     p = self.padding
     y = jax.lax.conv_general_dilated(
@@ -142,27 +70,18 @@ class Conv(nn.Module):
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,),
                         self.param_dtype)
-      if mask is not None:
-        bias = bias * jnp.max(mask, axis=0)
       y = y + bias
     return y
 
 
 class Dense(nn.Module):
-  """Fully connected layer with an (in, out) connectivity mask.
-
-  Initialised as ``torch.nn.Linear`` unless ``kernel_init``/``bias_init`` are
-  given. A bias entry is masked with its output unit (a unit with no input
-  left is removed whole).
+  """Fully connected layer, initialised as ``torch.nn.Linear`` by default.
 
   Attributes:
     features: output units.
     use_bias: add a bias.
     kernel_init, bias_init: initialisers (None: ``torch.nn.Linear``'s).
     param_dtype: dtype of created variables.
-    groups: DSP group count; when set, a ``gates/logits`` variable of shape
-      ``(groups, features)`` is created exactly as ``Conv``'s (DSP treats the
-      ``(I, O)`` kernel as a 1x1 convolution over the tokens).
   """
 
   features: int
@@ -170,44 +89,32 @@ class Dense(nn.Module):
   kernel_init: Initializer | None = None
   bias_init: Initializer | None = None
   param_dtype: Any = jnp.float32
-  groups: int | None = None
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array) -> Array:
     in_features = x.shape[-1]
     default = torch_linear_init(in_features)
     kernel = self.param("kernel", self.kernel_init or default,
                         (in_features, self.features), self.param_dtype)
-    mask = _optional_variable(self, MASKS, "kernel", jnp.ones,
-                              (in_features, self.features), self.param_dtype)
-    _group_gates(self, self.groups, self.features)
-    if mask is not None:
-      kernel = kernel * mask
     dtype = jnp.result_type(x.dtype, kernel.dtype)
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
       bias = self.param("bias", self.bias_init or default, (self.features,),
                         self.param_dtype)
-      if mask is not None:
-        bias = bias * jnp.max(mask, axis=0)
       y = y + bias
-    return unit_dropout(self, y, train)
+    return y
 
 
-def _masked_affine(module: nn.Module, c: int,
-                   scale_init: Initializer) -> tuple[Array, Array]:
-  """A norm's (scale, bias), both multiplied by its channel mask if present."""
+def _affine(module: nn.Module, c: int,
+            scale_init: Initializer) -> tuple[Array, Array]:
+  """A norm's (scale, bias)."""
   scale = module.param("scale", scale_init, (c,), module.param_dtype)
   bias = module.param("bias", nn.initializers.zeros, (c,), module.param_dtype)
-  mask = _optional_variable(module, MASKS, "scale", jnp.ones, (c,),
-                            module.param_dtype)
-  if mask is None:
-    return scale, bias
-  return scale * mask, bias * mask
+  return scale, bias
 
 
 class BatchNorm(nn.Module):
-  """BatchNorm over the last axis with PyTorch's numerics and a channel mask.
+  """BatchNorm over the last axis with PyTorch's numerics.
 
   Training mode normalises with the batch statistics (over every device of
   the mesh when the batch is a sharded global array) and updates
@@ -223,7 +130,7 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     c = x.shape[-1]
-    scale, bias = _masked_affine(self, c, self.scale_init)
+    scale, bias = _affine(self, c, self.scale_init)
     mean_v = self.variable("batch_stats", "mean", jnp.zeros, (c,),
                            self.param_dtype)
     var_v = self.variable("batch_stats", "var", jnp.ones, (c,),
@@ -242,25 +149,23 @@ class BatchNorm(nn.Module):
             var * (n / max(n - 1, 1)))
     else:
       mean, var = mean_v.value.astype(dtype), var_v.value.astype(dtype)
-    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return unit_dropout(self, y, train)
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm over the last axis (``torch.nn.LayerNorm``) with a unit mask."""
+  """LayerNorm over the last axis (``torch.nn.LayerNorm``)."""
 
   epsilon: float = 1e-5
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    scale, bias = _masked_affine(self, x.shape[-1], nn.initializers.ones)
+  def __call__(self, x: Array) -> Array:
+    scale, bias = _affine(self, x.shape[-1], nn.initializers.ones)
     dtype = jnp.result_type(x.dtype, scale.dtype)
     x = x.astype(dtype)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return unit_dropout(self, y, train)
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
 def check_input(x: Array, channels: int, size: int | Sequence[int] | None,

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import inspect
+import os
+import sys
 from typing import Any, Callable
 
 from flax import linen as nn
 
 from models import cifar_resnet
+from models import pruning as prunable_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +26,7 @@ class ModelSpec:
       CIFAR or ImageNet stem), ``vit`` / ``swin`` (torchvision's vision
       transformers), used by the converter's name tables.
     build: ``build(num_classes, **overrides) -> nn.Module``.
-    image_size: input height/width the model is meant for.
+    image_size: input height/width the model is meant for (0: any).
     tiny: a small variant meant for tests.
   """
 
@@ -37,6 +42,17 @@ MODEL_SPECS: dict[str, ModelSpec] = {}
 
 def register(name: str, family: str, build: Callable[..., nn.Module],
              image_size: int, tiny: bool = False) -> None:
+  """Registers a model under ``name`` (``config.model`` and ``create_model``).
+
+  Args:
+    name: registry name.
+    family: the converter's name-table family (``resnet``, ``vgg``, ...)
+      when the model has a torchvision twin, else ``generic`` (exports use
+      the module paths).
+    build: ``build(num_classes, **overrides) -> nn.Module``.
+    image_size: input height/width the model is meant for.
+    tiny: a small variant meant for tests.
+  """
   if name in MODEL_SPECS:
     raise ValueError(f"model {name!r} registered twice")
   MODEL_SPECS[name] = ModelSpec(name, family, build, image_size, tiny)
@@ -48,30 +64,82 @@ def list_models(include_tiny: bool = True) -> list[str]:
 
 
 def model_spec(name: str) -> ModelSpec:
-  if name not in MODEL_SPECS:
-    raise ValueError(
-        f"unknown model {name!r}; valid names: {', '.join(list_models())}")
-  return MODEL_SPECS[name]
+  """The spec of a registry name or of an import path ``pkg.module:Class``.
+
+  An import path names any Flax Linen module class (or a function returning
+  a module) of the user's own code; it is built with its keyword arguments
+  (``num_classes`` when it takes one), family ``generic``, any image size.
+  The working directory is importable, as with ``python -m``.
+
+  Raises:
+    ValueError: an unknown name, or an import path that does not import.
+  """
+  if name in MODEL_SPECS:
+    return MODEL_SPECS[name]
+  if ":" in name:
+    return _import_spec(name)
+  raise ValueError(
+      f"unknown model {name!r}; valid names: {', '.join(list_models())}, or "
+      "an import path package.module:Class")
 
 
-def create_model(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:
-  """Builds a registered model.
+GENERIC = "generic"
+
+
+def _import_spec(name: str) -> ModelSpec:
+  module_name, _, attr = name.partition(":")
+  if os.getcwd() not in sys.path:
+    sys.path.append(os.getcwd())
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f"model {name!r}: cannot import {module_name!r} ({e})"
+                     ) from None
+  build = getattr(module, attr, None)
+  if not callable(build):
+    raise ValueError(f"model {name!r}: {module_name} has no class or "
+                     f"function {attr!r}")
+  takes_classes = "num_classes" in _parameters(build)
+
+  def make(num_classes: int, **kwargs: Any) -> nn.Module:
+    if takes_classes:
+      kwargs.setdefault("num_classes", num_classes)
+    model = build(**kwargs)
+    if not isinstance(model, nn.Module):
+      raise ValueError(f"model {name!r} built a {type(model).__name__}, not "
+                       "a flax.linen.Module")
+    return model
+
+  return ModelSpec(name, GENERIC, make, 0)
+
+
+def _parameters(fn: Callable[..., Any]) -> set[str]:
+  if dataclasses.is_dataclass(fn):
+    return {f.name for f in dataclasses.fields(fn)}
+  try:
+    return set(inspect.signature(fn).parameters)
+  except (TypeError, ValueError):
+    return set()
+
+
+def create_model(name: str, num_classes: int = 10, groups: int | None = None,
+                 **overrides: Any) -> prunable_lib.Prunable:
+  """Builds a registered model, wrapped by ``models.prunable``.
 
   Args:
     name: a name from ``list_models()``.
     num_classes: classifier outputs.
-    **overrides: model attributes to change (e.g. ``groups=4`` to create DSP
-      gates, ``param_dtype=jnp.float64``).
+    groups: DSP group count (``init`` creates the gates of the taking-part
+      layers); None creates none.
+    **overrides: model attributes to change (e.g. ``param_dtype=jnp.float64``).
 
   Returns:
-    The Flax module.
+    The wrapped Flax module (its plain model is ``.model``).
   """
   if num_classes < 1:
     raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-  groups = overrides.get("groups")
-  if groups is not None and (not isinstance(groups, int) or groups < 1):
-    raise ValueError(f"groups must be an integer >= 1 (or None), got {groups!r}")
-  return model_spec(name).build(num_classes=num_classes, **overrides)
+  model = model_spec(name).build(num_classes=num_classes, **overrides)
+  return prunable_lib.prunable(model, groups)
 
 
 def _cifar_resnet(depth: int, num_classes: int, **kw) -> nn.Module:

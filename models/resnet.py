@@ -14,8 +14,8 @@ Stems:
 * ``cifar``: 3x3 stride-1 conv (pad 1), BN, ReLU, no max-pool; stage widths
   8f, 16f, 32f, 64f with ``f = factor`` (the DDROP reference's CIFAR models).
 
-Every conv except the stem and the shortcut convs takes part in DSP and gets
-``groups``.
+Every conv except the stem and the shortcut convs takes part in DSP (the
+graph derives it).
 """
 
 from __future__ import annotations
@@ -47,18 +47,16 @@ class BasicBlock(nn.Module):
   Attributes:
     planes: output channels.
     strides: stride of ``conv1`` and of the shortcut.
-    groups: DSP group count of ``conv1``/``conv2`` (None: no gates).
     param_dtype: dtype of the variables.
   """
 
   planes: int
   strides: int = 1
-  groups: int | None = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(groups=self.groups, param_dtype=self.param_dtype)
+    kw = dict(param_dtype=self.param_dtype)
     bn = dict(param_dtype=self.param_dtype)
     y = layers.Conv(self.planes, 3, self.strides, 1, name="conv1", **kw)(x)
     y = nn.relu(layers.BatchNorm(name="bn1", **bn)(y, train))
@@ -76,18 +74,16 @@ class Bottleneck(nn.Module):
   Attributes:
     planes: width of the inner convs; the block outputs ``4 * planes``.
     strides: stride of ``conv2`` (torchvision v1.5) and of the shortcut.
-    groups: DSP group count of ``conv1``/``conv2``/``conv3`` (None: no gates).
     param_dtype: dtype of the variables.
   """
 
   planes: int
   strides: int = 1
-  groups: int | None = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(groups=self.groups, param_dtype=self.param_dtype)
+    kw = dict(param_dtype=self.param_dtype)
     bn = dict(param_dtype=self.param_dtype)
     out = self.planes * EXPANSION["bottleneck"]
     y = layers.Conv(self.planes, 1, 1, 0, name="conv1", **kw)(x)
@@ -109,14 +105,13 @@ class Layer(nn.Module):
   planes: int
   blocks: int
   strides: int
-  groups: int | None = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     cls = BasicBlock if self.block == "basic" else Bottleneck
     for b in range(self.blocks):
-      x = cls(self.planes, self.strides if b == 0 else 1, self.groups,
+      x = cls(self.planes, self.strides if b == 0 else 1,
               self.param_dtype, name=str(b))(x, train)
     return x
 
@@ -132,8 +127,6 @@ class ResNet(nn.Module):
     factor: CIFAR width factor; stage widths 8f, 16f, 32f, 64f.
     widths: explicit stage widths (``planes``); overrides the stem's default
       widths (used by the tiny test variant).
-    groups: DSP group count for every conv except the stem and the shortcut
-      convs; None creates no gates.
     image_size: expected input height/width; None accepts any size.
     param_dtype: dtype of the variables (float64 for parity checks).
   """
@@ -144,7 +137,6 @@ class ResNet(nn.Module):
   stem: str = "imagenet"
   factor: int = 1
   widths: Sequence[int] | None = None
-  groups: int | None = None
   image_size: int | None = None
   param_dtype: Any = jnp.float32
 
@@ -192,7 +184,7 @@ class ResNet(nn.Module):
       # torch's MaxPool2d pads with -inf, as reduce_window's init value here.
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for s, (planes, blocks) in enumerate(zip(widths, self.stage_sizes)):
-      x = Layer(self.block, planes, blocks, 1 if s == 0 else 2, self.groups,
+      x = Layer(self.block, planes, blocks, 1 if s == 0 else 2,
                 pd, name=f"layer{s + 1}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     # torchvision keeps nn.Linear's default init for fc (Dense's default).

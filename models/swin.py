@@ -63,10 +63,9 @@ class SwinBlock(nn.Module):
   mlp_ratio: float = 4.0
   mlp_scale: bool = False
   param_dtype: Any = jnp.float32
-  groups: int | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.param_dtype
     c = x.shape[-1]
     y = layers.LayerNorm(LN_EPS, dt, name="norm1")(x)
@@ -77,7 +76,7 @@ class SwinBlock(nn.Module):
     y = layers.LayerNorm(LN_EPS, dt, name="norm2")(x)
     y = Mlp(int(c * self.mlp_ratio), self.mlp_scale, kernel_init=linear_init,
             bias_init=nn.initializers.zeros, param_dtype=dt,
-            groups=self.groups, name="mlp")(y, train)
+            name="mlp")(y)
     return x + y
 
 
@@ -155,14 +154,13 @@ class _Stage(nn.Module):
   mlp_ratio: float
   mlp_scale: bool
   param_dtype: Any
-  groups: int | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     for j in range(self.depth):
       x = SwinBlock(self.heads, self.window, 0 if j % 2 == 0 else
                     self.window // 2, self.mlp_ratio, self.mlp_scale,
-                    self.param_dtype, self.groups, name=str(j))(x, train)
+                    self.param_dtype, name=str(j))(x)
     return x
 
 
@@ -175,16 +173,15 @@ class _Features(nn.Module):
   mlp_ratio: float
   mlp_scale: bool
   param_dtype: Any
-  groups: int | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.param_dtype
     x = _PatchEmbed(self.embed_dim, self.patch, dt, name="0")(x)
     index = 1
     for s, (depth, heads) in enumerate(zip(self.depths, self.heads)):
       x = _Stage(depth, heads, self.window, self.mlp_ratio, self.mlp_scale,
-                 dt, self.groups, name=str(index))(x, train)
+                 dt, name=str(index))(x)
       index += 1
       if s + 1 < len(self.depths):
         x = PatchMerging(dt, name=str(index))(x)
@@ -207,9 +204,6 @@ class SwinTransformer(nn.Module):
     num_classes: head outputs.
     mlp_scale: add DDROP's ``dummy_norm`` after every ``fc1``.
     param_dtype: dtype of the variables.
-    groups: DSP group count: every MLP's ``fc1`` and ``fc2`` get
-      ``gates/logits``; attention, patch embedding/merging and head never
-      do. None (default): no gates, the plain model.
   """
 
   image_size: int | None = 224
@@ -222,7 +216,6 @@ class SwinTransformer(nn.Module):
   num_classes: int = 1000
   mlp_scale: bool = False
   param_dtype: Any = jnp.float32
-  groups: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -238,7 +231,7 @@ class SwinTransformer(nn.Module):
     dt = self.param_dtype
     x = _Features(self.patch_size, self.embed_dim, tuple(self.depths),
                   tuple(self.num_heads), self.window_size, self.mlp_ratio,
-                  self.mlp_scale, dt, self.groups, name="features")(x, train)
+                  self.mlp_scale, dt, name="features")(x)
     x = layers.LayerNorm(LN_EPS, dt, name="norm")(x)
     x = jnp.mean(x, axis=(1, 2))
     return layers.Dense(self.num_classes, kernel_init=linear_init,

@@ -1,12 +1,11 @@
 """Pieces shared by the vision transformers (``models.vit``, ``models.swin``).
 
 * ``DummyNorm``: DDROP's learnable per-unit scale (spec ddrop.md section 2),
-  initialised to 1, with a ``masks/scale`` entry like the other norms; DDROP's
-  keep probabilities and draws act on its output.
+  initialised to 1; to the channel graph it is a norm right after ``fc1``,
+  so DDROP acts on its output and ranks units by it.
 * ``Mlp``: ``fc1`` (Dense) -> [``dummy_norm``] -> GELU -> ``fc2`` (Dense);
-  the hidden units are ``fc1``'s outputs, the units DDROP drops and prunes.
-  With ``groups=G`` both Linears carry DSP gates (DSP treats each as a 1x1
-  convolution over the tokens).
+  the hidden units are ``fc1``'s outputs, the units DDROP drops and prunes
+  (DSP treats both Linears as 1x1 convolutions over the tokens).
 * ``Attention``: multi-head attention over a token axis from separate
   ``query``, ``key`` and ``value`` Dense layers and an output projection (the
   fused PyTorch ``qkv`` / ``in_proj`` weights are split on import, merged on
@@ -32,23 +31,15 @@ Array = jax.Array
 
 
 class DummyNorm(nn.Module):
-  """``y = x * scale`` per unit (last axis), scale initialised to 1.
-
-  The scale is masked by ``masks/scale`` when present (a pruned unit stays
-  zero) and the output goes through DDROP's unit dropout.
-  """
+  """``y = x * scale`` per unit (last axis), scale initialised to 1."""
 
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-    mask = layers._optional_variable(  # pylint: disable=protected-access
-        self, layers.MASKS, "scale", jnp.ones, (c,), self.param_dtype)
-    if mask is not None:
-      scale = scale * mask
-    return layers.unit_dropout(self, x * scale, train)
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],),
+                       self.param_dtype)
+    return x * scale
 
 
 class Mlp(nn.Module):
@@ -59,9 +50,6 @@ class Mlp(nn.Module):
     scale: insert the DDROP ``dummy_norm`` after fc1.
     kernel_init, bias_init: Dense initialisers (None: torch.nn.Linear's).
     param_dtype: dtype of the variables.
-    groups: DSP group count: fc1 and fc2 get ``gates/logits`` (they are the
-      block's layers that take part in DSP; fc2, whose output feeds the
-      residual sum, is its filter-pruned layer). None: no gates.
   """
 
   hidden: int
@@ -69,18 +57,14 @@ class Mlp(nn.Module):
   kernel_init: Callable[..., Array] | None = None
   bias_init: Callable[..., Array] | None = None
   param_dtype: Any = jnp.float32
-  groups: int | None = None
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    if self.groups is not None and self.scale:
-      raise ValueError(f"{'/'.join(self.scope.path)}: DSP groups and DDROP's "
-                       "mlp_scale are exclusive; build the model with one")
+  def __call__(self, x: Array) -> Array:
     kw = dict(kernel_init=self.kernel_init, bias_init=self.bias_init,
-              param_dtype=self.param_dtype, groups=self.groups)
+              param_dtype=self.param_dtype)
     y = layers.Dense(self.hidden, name="fc1", **kw)(x)
     if self.scale:
-      y = DummyNorm(self.param_dtype, name="dummy_norm")(y, train)
+      y = DummyNorm(self.param_dtype, name="dummy_norm")(y)
     y = nn.gelu(y, approximate=False)
     return layers.Dense(x.shape[-1], name="fc2", **kw)(y)
 

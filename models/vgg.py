@@ -19,10 +19,10 @@ paths are ``features.0`` (conv), ``features.1`` (BN), ``features.3`` (conv)
 
 Initialisation is torchvision's VGG init for both heads: conv kaiming normal
 (fan_out, ReLU), conv bias 0, BN and LayerNorm 1/0, Linear N(0, 0.01), bias
-0 (``linear_std`` changes the 0.01). Hidden Linear and LayerNorm layers receive ``train`` so DDROP can act on
-them; the output Linear does not (class logits are never dropped).
+0 (``linear_std`` changes the 0.01).
 
-Every conv except the first (the stem) takes part in DSP and gets ``groups``.
+Every conv except the first (the stem) takes part in DSP (the graph derives
+it).
 """
 
 from __future__ import annotations
@@ -84,12 +84,10 @@ class Features(nn.Module):
 
   Attributes:
     config: conv widths and ``'M'`` (2x2 max-pool, stride 2).
-    groups: DSP group count for every conv but the first.
     param_dtype: dtype of the variables.
   """
 
   config: Sequence[int | str]
-  groups: int | None = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -101,7 +99,6 @@ class Features(nn.Module):
         index += 1
         continue
       x = layers.Conv(int(v), 3, 1, 1, use_bias=True,
-                      groups=None if index == 0 else self.groups,
                       param_dtype=self.param_dtype, name=str(index))(x)
       x = layers.BatchNorm(param_dtype=self.param_dtype,
                            name=str(index + 1))(x, train)
@@ -141,11 +138,11 @@ class Classifier(nn.Module):
                  param_dtype=self.param_dtype)
     index = 0
     for _ in range(self.num_hidden):
-      x = layers.Dense(self.hidden, name=str(index), **dense)(x, train)
+      x = layers.Dense(self.hidden, name=str(index), **dense)(x)
       index += 1
       if self.layer_norm:
         x = layers.LayerNorm(param_dtype=self.param_dtype,
-                             name=str(index))(x, train)
+                             name=str(index))(x)
         index += 1
       x = nn.relu(x)
       x = nn.Dropout(self.dropout_rate, name=str(index + 1))(
@@ -168,7 +165,6 @@ class VGG(nn.Module):
     linear_std: std of the classifier Linears' normal init (torchvision:
       0.01).
     pool_size: ImageNet head's adaptive pool output size.
-    groups: DSP group count for every conv but the first; None: no gates.
     image_size: expected input height/width; None accepts any size that
       survives the max-pools.
     param_dtype: dtype of the variables (float64 for parity checks).
@@ -181,7 +177,6 @@ class VGG(nn.Module):
   dropout_rate: float = 0.5
   linear_std: float = LINEAR_STD
   pool_size: int = 7
-  groups: int | None = None
   image_size: int | None = None
   param_dtype: Any = jnp.float32
 
@@ -200,7 +195,7 @@ class VGG(nn.Module):
       raise ValueError(
           f"{name} has {pools} max-pools and needs input height and width "
           f">= {2**pools}, got shape {tuple(x.shape)}")
-    x = Features(self.config, self.groups, self.param_dtype,
+    x = Features(self.config, self.param_dtype,
                  name="features")(x, train)
     if self.head == "imagenet":
       x = adaptive_avg_pool(x, self.pool_size).reshape(x.shape[0], -1)
@@ -219,7 +214,7 @@ def vgg(depth: int, num_classes: int = 1000, **overrides: Any) -> VGG:
   Args:
     depth: 11, 13, 16 or 19.
     num_classes: classifier outputs.
-    **overrides: other ``VGG`` attributes (``head``, ``groups``,
+    **overrides: other ``VGG`` attributes (``head``,
       ``dropout_rate``, ``image_size``, ``param_dtype``, ...).
 
   Returns:

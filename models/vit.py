@@ -46,10 +46,9 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   mlp_scale: bool = False
   param_dtype: Any = jnp.float32
-  groups: int | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.param_dtype
     y = layers.LayerNorm(LN_EPS, dt, name="ln_1")(x)
     y = Attention(self.heads, "out_proj",
@@ -61,7 +60,7 @@ class EncoderBlock(nn.Module):
     y = Mlp(self.mlp_dim, self.mlp_scale,
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(1e-6), param_dtype=dt,
-            groups=self.groups, name="mlp")(y, train)
+            name="mlp")(y)
     return x + y
 
 
@@ -73,14 +72,13 @@ class _Layers(nn.Module):
   mlp_dim: int
   mlp_scale: bool
   param_dtype: Any
-  groups: int | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.num_layers):
       x = EncoderBlock(self.heads, self.mlp_dim, self.mlp_scale,
-                       self.param_dtype, self.groups,
-                       name=f"encoder_layer_{i}")(x, train)
+                       self.param_dtype,
+                       name=f"encoder_layer_{i}")(x)
     return x
 
 
@@ -92,15 +90,14 @@ class Encoder(nn.Module):
   mlp_dim: int
   mlp_scale: bool = False
   param_dtype: Any = jnp.float32
-  groups: int | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     pos = self.param("pos_embedding", nn.initializers.normal(0.02),
                      (1,) + x.shape[1:], self.param_dtype)
     x = x + pos
     x = _Layers(self.num_layers, self.heads, self.mlp_dim, self.mlp_scale,
-                self.param_dtype, self.groups, name="layers")(x, train)
+                self.param_dtype, name="layers")(x)
     return layers.LayerNorm(LN_EPS, self.param_dtype, name="ln")(x)
 
 
@@ -128,9 +125,6 @@ class VisionTransformer(nn.Module):
     num_classes: head outputs.
     mlp_scale: add DDROP's ``dummy_norm`` after every ``fc1``.
     param_dtype: dtype of the variables.
-    groups: DSP group count: every MLP's ``fc1`` and ``fc2`` get
-      ``gates/logits``; attention, patch embedding and head never do. None
-      (default): no gates, the plain model.
   """
 
   image_size: int = 224
@@ -142,7 +136,6 @@ class VisionTransformer(nn.Module):
   num_classes: int = 1000
   mlp_scale: bool = False
   param_dtype: Any = jnp.float32
-  groups: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -162,7 +155,7 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate(
         [jnp.broadcast_to(cls, (n, 1, c)).astype(x.dtype), x], axis=1)
     x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.mlp_scale,
-                dt, self.groups, name="encoder")(x, train)
+                dt, name="encoder")(x)
     return _Heads(self.num_classes, dt, name="heads")(x[:, 0])
 
 

@@ -138,9 +138,9 @@ def test_released_files_imported_fast_equals_masked_jax(name, tmp_path):
 def ddrop_slimmed(name: str, amount: float = 0.5):
   model = models.create_model(name, 10)
   v = jax_side.random_variables(model, 0)
-  v = jax_side.to_numpy_tree(pruning.prune(
-      v, selection.ddrop_layers(model),
-      DdropConfig(amount=amount, prune_scope="all")))
+  layers = selection.prune_layers(model, selection.ddrop_layers(model), True)
+  v = jax_side.to_numpy_tree(pruning.prune(v, layers,
+                                           DdropConfig(amount=amount)))
   return model, v
 
 

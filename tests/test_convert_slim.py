@@ -24,8 +24,9 @@ def ddrop_pruned(model, scope: str = "ddrop_layers", amount: float = 0.5,
                  seed: int = 0) -> dict:
   """Random weights, then DDROP pruning (random |gamma| ranks the units)."""
   v = jax_side.random_variables(model, seed)
-  out = pruning.prune(v, selection.ddrop_layers(model),
-                      DdropConfig(amount=amount, prune_scope=scope))
+  layers = selection.prune_layers(model, selection.ddrop_layers(model),
+                                  scope == "all")
+  out = pruning.prune(v, layers, DdropConfig(amount=amount))
   return jax_side.to_numpy_tree(out)
 
 
@@ -118,7 +119,7 @@ def test_vgg_layernorm_unit_with_live_row_keeps_width():
   # value varies with the input and enters the statistics, so it must stay.
   model = models.create_model("cifar_vgg_tiny")
   v = jax_side.random_variables(model, 3)
-  v["masks"] = jax_side.to_numpy_tree(pruning.init_masks(v["params"]))
+  v["masks"] = models.full_masks(models.analyze(model), v["params"])
   scale = np.array(v["masks"]["classifier"]["1"]["scale"])
   scale[:8] = 0
   v["masks"]["classifier"]["1"]["scale"] = scale

@@ -22,7 +22,7 @@ def _check_frequencies(draws, keep):
 
 
 def test_dense_unit_keep_frequencies_match_keep_probabilities():
-  layer = L.Dense(5)
+  layer = models.prunable(L.Dense(5))
   params = {"kernel": jnp.zeros((3, 5)), "bias": jnp.ones(5)}  # output 1
   n = 4000
   apply = jax.jit(lambda v, key: layer.apply(
@@ -37,7 +37,7 @@ def test_dense_unit_keep_frequencies_match_keep_probabilities():
 
 
 def test_norm_draw_is_per_sample_and_unit_broadcast_over_space():
-  layer = L.BatchNorm()
+  layer = models.prunable(L.BatchNorm())
   params = {"scale": jnp.zeros(5), "bias": jnp.ones(5)}  # output 1
   stats = {"mean": jnp.zeros(5), "var": jnp.ones(5)}
   n = 2000
@@ -62,7 +62,7 @@ def test_evaluation_is_identity_and_keep_one_changes_nothing():
       lambda s: jnp.asarray(0.5 + 0.4 * np.sin(np.arange(np.prod(s.shape))))
       .reshape(s.shape).astype(s.dtype),
       {k: v for k, v in shapes.items() if k != "masks"})
-  layers = dd.ddrop_layers(variables)
+  layers = dd.ddrop_layers(model, (8, 8, 3))
   drop_all = dd.DdropConfig(prob=(0.0, 0.0), total_steps=1)
   keep0 = dd.keep_probabilities(variables["params"], None, 0, drop_all, layers)
   keep1 = jax.tree.map(jnp.ones_like, keep0)
@@ -86,7 +86,7 @@ def test_evaluation_is_identity_and_keep_one_changes_nothing():
 
 
 def test_activation_statistics_are_tracked_when_mutable():
-  layer = L.BatchNorm()
+  layer = models.prunable(L.BatchNorm())
   params = {"scale": jnp.array([1.0, 2.0]), "bias": jnp.array([0.5, -3.0])}
   stats = {"mean": jnp.zeros(2), "var": jnp.ones(2)}
   x = jax.random.normal(jax.random.key(0), (64, 2))

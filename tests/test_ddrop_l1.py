@@ -47,7 +47,7 @@ def test_add_l1_with_explicit_mask_and_no_mask():
 
 def test_rank_weighted_l1_follows_drop_probability():
   cfg = dd.DdropConfig(prob=(0.2, 0.8), schedule="linear", total_steps=4,
-                       l1=0.1, l1_mode="rank")
+                       l1=0.1, l1_rank_weighted=True)
   tx = dd.ddrop_l1(LAYERS, cfg)
   update = jax.jit(tx.update)
   state = tx.init(PARAMS)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import models
+from models import paths
 from configs import base
 from ddrop_jax import pipeline
 from training import config as config_lib
@@ -77,14 +78,14 @@ def test_pruned_units_stay_zero_after_finetuning(run):
   assert masks, "fine-tuning must keep the masks"
   for name, (n_pruned, _) in report["pruned_units"].items():
     path = name.split(".")
-    bn_mask = np.asarray(pipeline._get(masks, path)["scale"])
-    bn = pipeline._get(state.params, path)
+    bn_mask = np.asarray(paths.get(masks, tuple(path))["scale"])
+    bn = paths.get(state.params, tuple(path))
     dead = bn_mask == 0
     assert dead.sum() == n_pruned
     np.testing.assert_array_equal(np.asarray(bn["scale"])[dead], 0.0)
     np.testing.assert_array_equal(np.asarray(bn["bias"])[dead], 0.0)
-    conv = pipeline._get(state.params, path[:-1] + [path[-1].replace(
-        "bn", "conv")])
+    conv = paths.get(state.params, tuple(path[:-1] + [path[-1].replace(
+        "bn", "conv")]))
     np.testing.assert_array_equal(np.asarray(conv["kernel"])[..., dead], 0.0)
     # The surviving units were trained.
     assert np.abs(np.asarray(bn["scale"])[~dead]).min() > 0

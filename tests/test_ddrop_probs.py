@@ -96,8 +96,7 @@ def test_default_total_steps_is_a_third_of_the_phase():
     (dict(prob=(0.9, 0.1)), "p_min <= p_max"),
     (dict(prob=(0.1, 1.5)), "prob"),
     (dict(schedule="step"), "constant, cosine, linear"),
-    (dict(criterion="l2"), "abs_gamma, weight_norm, activation"),
-    (dict(prune_scope="stem"), "ddrop_layers, all"),
+    (dict(importance="l2"), "norm, weight_norm, activation"),
     (dict(amount=1.2), "amount"),
     (dict(total_steps=0), "total_steps"),
 ])
@@ -144,12 +143,13 @@ def test_config_from_the_engine_section():
   from training import config as config_lib
   section = config_lib.default_config().ddrop
   cfg = dd.DdropConfig.from_engine(section)
-  assert (cfg.prob, cfg.schedule, cfg.total_steps, cfg.criterion, cfg.l1,
-          cfg.l1_mode, cfg.amount, cfg.prune_scope) == (
-              tuple(section.prob), section.schedule, None, "abs_gamma",
-              section.l1, "uniform", section.amount, "ddrop_layers")
+  # One name per setting: the schema's fields are the algorithm's.
+  assert (cfg.prob, cfg.schedule, cfg.total_steps, cfg.importance, cfg.l1,
+          cfg.l1_rank_weighted, cfg.amount, cfg.prune_residual) == (
+              tuple(section.prob), section.schedule, None, "norm",
+              section.l1, False, section.amount, False)
   section = dict(section, importance="activation", l1_rank_weighted=True,
                  prune_residual=True, total_steps=12)
   cfg = dd.DdropConfig.from_engine(section)
-  assert (cfg.criterion, cfg.l1_mode, cfg.prune_scope, cfg.total_steps) == (
-      "activation", "rank", "all", 12)
+  assert (cfg.importance, cfg.l1_rank_weighted, cfg.prune_residual,
+          cfg.total_steps) == ("activation", True, True, 12)

@@ -48,7 +48,7 @@ def setup():
   rng = np.random.default_rng(2)
   batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 8, 8, 3)), jnp.uint8),
            "label": jnp.arange(8, dtype=jnp.int32) % 10}
-  return model, variables, dd.ddrop_layers(variables), batch
+  return model, variables, dd.ddrop_layers(model, (8, 8, 3)), batch
 
 
 def get(tree, name):
@@ -98,11 +98,11 @@ def test_prune_removes_floor_amount_units_of_each_ddrop_layer(amount):
                                   get(variables["params"], name)["scale"])
 
 
-def test_prune_scope_all_also_prunes_convs_feeding_residual_sums():
-  _, variables, layers, _ = setup()
-  cfg = dd.DdropConfig(amount=0.5, prune_scope="all")
-  pruned = dd.prune(variables, layers, cfg)
-  scope = dd.prune_layers(variables["params"], layers, "all")
+def test_prune_residual_also_prunes_convs_feeding_residual_sums():
+  model, variables, layers, _ = setup()
+  cfg = dd.DdropConfig(amount=0.5, prune_residual=True)
+  scope = dd.prune_layers(model, layers, True, (8, 8, 3))
+  pruned = dd.prune(variables, scope, cfg)
   assert {l.name for l in scope} - {l.name for l in layers} == {
       "bn_1", "stage_1.0.bn_b", "stage_2.0.bn_b", "stage_2.0.downsample.1",
       "stage_3.0.bn_b", "stage_3.0.downsample.1"}
@@ -136,7 +136,7 @@ def test_ddrop_step_drops_units_and_tracks_statistics():
   model, variables, layers, batch = setup()
   # keep = 0 on every bn_a: the block's first half is cut off, so conv_a and
   # bn_a get no gradient while bn_b (its bias) still trains
-  cfg = dd.DdropConfig(prob=(0.0, 0.0), criterion="activation", l1=0.0,
+  cfg = dd.DdropConfig(prob=(0.0, 0.0), importance="activation", l1=0.0,
                        total_steps=1)
   variables = {k: v for k, v in variables.items() if k != "masks"}
   tx = dd.ddrop_optimizer(optax.sgd(0.1), layers, cfg)
@@ -193,7 +193,7 @@ def test_apply_masks_convention():
 def test_step_hooks_build_the_ddrop_collection_from_params_and_step():
   _, variables, layers, _ = setup()
   cfg = dd.DdropConfig(prob=(0.2, 0.6), schedule="linear", total_steps=4,
-                       criterion="activation")
+                       importance="activation")
   stats = dd.init_stats(layers)
   extra, rngs = dd.ddrop_collections(variables["params"], stats, 2,
                                      jax.random.key(5), layers, cfg)

@@ -1,4 +1,5 @@
-"""Which layers DDROP selects, per model family, and VGG's Linear units."""
+"""Which layers DDROP selects (from the traced graph), per model family, and
+VGG's Linear units."""
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,9 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, x, train):
     for i in (0, 4):
-      x = L.Dense(self.hidden, name=str(i))(x, train)
-      x = nn.relu(L.LayerNorm(name=str(i + 1))(x, train))
-    return L.Dense(self.num_classes, name="8")(x, train)
+      x = L.Dense(self.hidden, name=str(i))(x)
+      x = nn.relu(L.LayerNorm(name=str(i + 1))(x))
+    return L.Dense(self.num_classes, name="8")(x)
 
 
 class TinyVgg(nn.Module):
@@ -121,23 +122,26 @@ def test_dsp_cifar_resnet_selects_bn_a_of_every_block():
   assert all(l.kind == "norm" and l.norm == l.path for l in layers)
 
 
+SHAPE = (8, 8, 3)
+
+
 def test_torchvision_resnet_basic_and_bottleneck_rules():
-  variables = shapes(TinyTvResNet())
-  layers = dd.ddrop_layers(variables)
+  model = TinyTvResNet()
+  layers = dd.ddrop_layers(model, SHAPE)
   assert names(layers) == ["layer1.0.bn1", "layer1.1.bn1", "layer2.0.bn1",
                            "layer2.0.bn2"]
   assert [".".join(l.producer) for l in layers] == [
       "layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.conv2"]
   assert [l.units for l in layers] == [4, 4, 2, 3]
-  everything = names(dd.prune_layers(variables["params"], layers, "all"))
+  everything = names(dd.prune_layers(model, layers, True, SHAPE))
   assert everything[:4] == names(layers)
   assert set(everything[4:]) == {"bn1", "layer1.0.bn2", "layer1.1.bn2",
                                  "layer2.0.bn3", "layer2.0.downsample.1"}
 
 
 def test_vgg_rule_features_norms_and_hidden_linears_only():
-  variables = shapes(TinyVgg())
-  layers = dd.ddrop_layers(variables)
+  model = TinyVgg()
+  layers = dd.ddrop_layers(model, SHAPE)
   # natural path order: 'classifier' sorts before 'features'
   assert names(layers) == ["classifier.0", "classifier.4", "features.1",
                            "features.4"]
@@ -145,28 +149,31 @@ def test_vgg_rule_features_norms_and_hidden_linears_only():
   assert [l.producer[-1] for l in feats] == ["0", "3"]
   assert all(l.kind == "dense" and l.producer == l.path for l in fcs)
   assert [l.norm[-1] for l in fcs] == ["1", "5"]  # follower LayerNorms
-  # the scope 'all' adds nothing for VGG: every unit layer is a DDROP layer
-  assert dd.prune_layers(variables["params"], layers, "all") == layers
+  # prune_residual adds nothing for VGG: every unit layer is a DDROP layer
+  assert dd.prune_layers(model, layers, True, SHAPE) == layers
 
 
-def test_layers_from_module_params_or_variables_agree():
+def test_layers_of_the_plain_and_the_wrapped_model_agree():
   model = models.create_model("cifar_resnet8")
-  variables = shapes(model, 32)
-  assert dd.ddrop_layers(model) == dd.ddrop_layers(variables)
-  assert dd.ddrop_layers(variables["params"]) == dd.ddrop_layers(variables)
+  assert dd.ddrop_layers(model) == dd.ddrop_layers(model.model, (32, 32, 3))
 
 
-def test_unknown_structure_is_a_clear_error():
-  params = {"encoder": {"kernel": jnp.zeros((3, 4))}}
-  with pytest.raises(ValueError, match="top-level modules \\['encoder'\\]"):
-    dd.ddrop_layers(params)
+class _OnlyClassifier(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_a_model_without_units_is_a_clear_error():
+  with pytest.raises(ValueError, match="no DDROP layers found"):
+    dd.ddrop_layers(_OnlyClassifier(), SHAPE)
 
 
 def _family_rules_hold(spec, layers, params):
   sel = set(names(layers))
-  modules = dd.selection.module_params(params)
+  modules = models.paths.modules(params)
   norms = {".".join(p) for p, leaves in modules.items()
-           if dd.selection.module_kind(leaves) == "norm"}
+           if "scale" in leaves and "kernel" not in leaves}
   assert sel, spec.name
   for n in sel:
     assert "." in n and "downsample" not in n, (spec.name, n)
@@ -184,7 +191,7 @@ def _family_rules_hold(spec, layers, params):
     feats = {n for n in norms if n.rsplit(".", 1)[0].endswith("features")}
     assert feats <= sel, spec.name
     dense = sorted((p for p, leaves in modules.items()
-                    if dd.selection.module_kind(leaves) == "dense"
+                    if np.ndim(leaves.get("kernel")) == 2
                     and p[-2] == "classifier"), key=lambda p: int(p[-1]))
     assert ".".join(dense[-1]) not in sel, spec.name   # output layer never
     assert {".".join(p) for p in dense[:-1]} <= sel, spec.name
@@ -203,13 +210,13 @@ def test_registered_tiny_models_follow_their_family_rule(name):
   params = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, spec.image_size, spec.image_size, 3)),
       train=False))["params"]
-  _family_rules_hold(spec, dd.ddrop_layers(params), params)
+  _family_rules_hold(spec, dd.ddrop_layers(model), params)
 
 
 def test_vgg_linear_units_are_dropped_and_pruned_with_their_layernorm():
-  model = TinyVgg()
+  model = models.prunable(TinyVgg())
   variables = init(model)
-  layers = dd.ddrop_layers(variables)
+  layers = dd.ddrop_layers(model, SHAPE)
   cfg = dd.DdropConfig(prob=(0.0, 0.0), amount=0.5, total_steps=1)
   keep = dd.keep_probabilities(variables["params"], None, 0, cfg, layers)
   # keep = 0 everywhere: both hidden Linear outputs are dropped, so the
@@ -236,14 +243,14 @@ def test_vgg_linear_units_are_dropped_and_pruned_with_their_layernorm():
     ln = str(int(i) + 1)
     assert np.all(np.asarray(m[ln]["scale"]) == ~dead)
     assert np.all(np.asarray(p[ln]["scale"])[dead] == 0)
-  assert np.all(np.asarray(m["8"]["kernel"]) == 1)  # output layer untouched
+  assert "8" not in m  # the output layer is untouched (no mask needed)
 
 
 def test_vgg_dense_drop_at_norm_zeroes_dropped_units_like_pruning():
-  model = TinyVgg()
+  model = models.prunable(TinyVgg())
   variables = init(model)
-  linear = dd.ddrop_layers(variables)
-  at_norm = dd.ddrop_layers(variables, dense_drop="norm")
+  linear = dd.ddrop_layers(model, SHAPE)
+  at_norm = dd.ddrop_layers(model, SHAPE, dense_drop="norm")
   # the hidden Linears' units move to their LayerNorms; ranks and pruning
   # still follow the Linear rows
   assert names(at_norm) == ["classifier.1", "classifier.5", "features.1",
@@ -267,4 +274,4 @@ def test_vgg_dense_drop_at_norm_zeroes_dropped_units_like_pruning():
   jax.tree.map(np.testing.assert_array_equal, pruned_a["masks"],
                pruned_b["masks"])
   with pytest.raises(ValueError, match="dense_drop"):
-    dd.ddrop_layers(variables, dense_drop="after")
+    dd.ddrop_layers(model, SHAPE, dense_drop="after")

@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from dsp_jax import finetune
-from dsp_jax import layer_info as li
+import dsp_jax
+from dsp_jax import kernels
 from dsp_jax import pruning as pr
 
 
@@ -25,18 +27,19 @@ def test_apply_masks_by_hand():
   masks = {"conv": {"kernel": jnp.array([[1.0, 0], [0, 0], [1, 1]])},
            "bn2": {"scale": jnp.array([0.0, 1.0])},
            "fc": {"kernel": jnp.array([[1.0, 0], [1, 0], [0, 0]])}}
-  out = jax.jit(finetune.apply_masks)(params, masks)
+  out = jax.jit(dsp_jax.apply_masks)(params, masks)
   k = np.asarray(params["conv"]["kernel"])
   want = k * np.array([[1, 0], [0, 0], [1, 1]])[None, None]
   np.testing.assert_array_equal(out["conv"]["kernel"], want)
-  # bn has no mask: its bias is zeroed only where gamma is 0.
-  np.testing.assert_array_equal(out["bn"]["bias"], [5.0, 0.0, 7.0])
+  # bn has no mask: unchanged.
+  np.testing.assert_array_equal(out["bn"]["bias"], [5.0, 6.0, 7.0])
   np.testing.assert_array_equal(out["bn"]["scale"], [1.0, 0.0, 2.0])
   # bn2's mask zeroes gamma and beta of channel 0.
   np.testing.assert_array_equal(out["bn2"]["scale"], [0.0, 2.0])
   np.testing.assert_array_equal(out["bn2"]["bias"], [0.0, 4.0])
+  # fc's unit 1 keeps no input: its bias goes with it.
   np.testing.assert_array_equal(out["fc"]["kernel"], [[1, 0], [1, 0], [0, 0]])
-  np.testing.assert_array_equal(out["fc"]["bias"], [1.0, 1.0])
+  np.testing.assert_array_equal(out["fc"]["bias"], [1.0, 0.0])
 
 
 def test_update_best_keeps_the_maximum():
@@ -49,13 +52,22 @@ def test_update_best_keeps_the_maximum():
   np.testing.assert_array_equal(b3.params["w"], 0)
 
 
+class _Chain(nn.Module):
+  """A stem and four taking-part 3x3 convs on a 4x4 map (no norms)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3), use_bias=False, name="stem")(x)
+    for j in range(4):
+      x = nn.relu(nn.Conv(8, (3, 3), use_bias=False, name=f"l{j}")(x))
+    return nn.Dense(2, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
 # Four 8-filter layers prune in coarse steps; the search may miss by > 1 pt.
 @pytest.mark.filterwarnings("ignore:DSP rate search ended")
 def test_reprune_targets_best_plus_a_tenth_of_a_point():
   rs = np.random.RandomState(0)
-  convs = tuple(li.ConvInfo((f"l{j}",), (3, 3, 8, 8), (4, 4, 8), (4, 4, 8),
-                            None) for j in range(4))
-  info = li.LayerInfo(convs, (), (4, 4, 8))
+  info = kernels.analyze(_Chain(), (4, 4, 8))
   params = {f"l{j}": {"kernel": rs.normal(size=(3, 3, 8, 8))} for j in range(4)}
   gates = {f"l{j}": {"logits": rs.normal(size=(2, 8))} for j in range(4)}
   first = pr.prune(params, gates, info, groups=2, rate=0.4)

@@ -17,7 +17,8 @@ from flax import linen as nn
 import dsp_jax
 import models
 from convert import jax_side
-from dsp_jax import layer_info as li
+from dsp_jax import kernels
+from models import paths
 from dsp_jax import pipeline as dsp_pipeline
 from dsp_jax import pruning as pr
 from dsp_jax import regularizer as reg
@@ -30,16 +31,18 @@ FAMILIES = ("bottleneck", "basic", "vgg")
 @functools.lru_cache(maxsize=None)
 def _model(family: str, groups: int = 2, w: int = 1):
   if family == "bottleneck":
-    return resnet.ResNet(block="bottleneck", stage_sizes=(1, 1),
-                         widths=(4 * w, 8 * w), stem="cifar", num_classes=10,
-                         groups=groups, image_size=SIZE)
-  if family == "basic":  # the ImageNet stem (7x7 stride 2, max-pool)
-    return resnet.ResNet(block="basic", stage_sizes=(1, 1),
-                         widths=(8 * w, 16 * w), stem="imagenet",
-                         num_classes=10, groups=groups, image_size=2 * SIZE)
-  return vgg.VGG(config=(8 * w, "M", 16 * w, 16 * w, "M", 16 * w, "M"),
-                 head="cifar", hidden=16, num_classes=10, groups=groups,
-                 dropout_rate=0.0, image_size=SIZE)
+    model = resnet.ResNet(block="bottleneck", stage_sizes=(1, 1),
+                          widths=(4 * w, 8 * w), stem="cifar", num_classes=10,
+                          image_size=SIZE)
+  elif family == "basic":  # the ImageNet stem (7x7 stride 2, max-pool)
+    model = resnet.ResNet(block="basic", stage_sizes=(1, 1),
+                          widths=(8 * w, 16 * w), stem="imagenet",
+                          num_classes=10, image_size=2 * SIZE)
+  else:
+    model = vgg.VGG(config=(8 * w, "M", 16 * w, 16 * w, "M", 16 * w, "M"),
+                    head="cifar", hidden=16, num_classes=10,
+                    dropout_rate=0.0, image_size=SIZE)
+  return models.prunable(model, groups)
 
 
 def _setup(family: str, seed: int = 0, w: int = 1):
@@ -53,17 +56,18 @@ def _setup(family: str, seed: int = 0, w: int = 1):
 def test_fp_layers_are_derived_from_the_structure():
   r8 = dsp_jax.analyze(models.create_model("cifar_resnet8", groups=2),
                        (32, 32, 3))
-  assert r8.fp == (1, 3, 5)                      # every 2nd (basic blocks)
+  fp = kernels.derived_fp
+  assert fp(r8) == (1, 3, 5)                     # every 2nd (basic blocks)
   info = _setup("bottleneck")[1]
-  assert info.fp == (2, 5)                       # every 3rd (bottlenecks)
-  assert [info.convs[i].name for i in info.fp] == ["layer1.0.conv3",
-                                                   "layer2.0.conv3"]
+  assert fp(info) == (2, 5)                      # every 3rd (bottlenecks)
+  assert [info.taking_part[i].name for i in fp(info)] == [
+      "layer1.0.conv3", "layer2.0.conv3"]
   info = _setup("vgg")[1]                        # no residual sums: all
-  assert info.fp == (0, 1, 2) and info.convs[0].name == "features.4"
+  assert fp(info) == (0, 1, 2) and info.taking_part[0].name == "features.4"
   # The probe runs at the configured image size.
   big = dsp_jax.analyze(_model("vgg").clone(image_size=None), (32, 32, 3))
-  assert big.convs[0].in_shape == (16, 16, 8) and info.convs[0].in_shape == (
-      8, 8, 8)
+  assert big.taking_part[0].in_shape == (16, 16, 8)
+  assert info.taking_part[0].in_shape == (8, 8, 8)
   # An explicit choice overrides the derived one.
   _, info, v = _setup("bottleneck")
   assert pr.Pruner(v["params"], v["gates"], info, 2).fp == {2, 5}
@@ -78,9 +82,9 @@ def test_fp_layers_are_derived_from_the_structure():
 
 def _regulariser(params, gates, info):
   return sum(float(reg.regulariser_value(
-      li.get(params, c.path)["kernel"],
-      dsp_jax.hard_assignment(li.get(gates, c.path)["logits"]))) for c in
-             info.convs)
+      kernels.kernel(params, c),
+      dsp_jax.hard_assignment(kernels.logits(gates, c)))) for c in
+             info.taking_part)
 
 
 def _group_state_and_batch(v):
@@ -110,7 +114,7 @@ def test_group_step_runs_and_reduces_the_group_regulariser(family):
   after = _regulariser(state.params, state.gates, info)
   assert after < 0.9 * before
   # Only the logits move in the gates collection; every layer has them.
-  assert set(map(tuple, (c.path for c in info.convs))) == {
+  assert set(map(tuple, (c.path for c in info.taking_part))) == {
       tuple(k.key for k in kp[:-1]) for kp, _ in
       jax.tree_util.tree_flatten_with_path(state.gates)[0]}
 
@@ -171,39 +175,38 @@ def test_dead_structure_equals_the_zero_gradient_pattern(family):
   for l in st.convs:
     # Conv biases at zero: the batch variance of a constant non-zero channel
     # rounds to a tiny non-zero value, so its gradients would not be exact 0.
-    node = li.get(params, l.path)
+    node = paths.get(params, l.path)
     if "bias" in node:
-      params = li.replace(params, l.path, {**node, "bias": 0 * node["bias"]})
+      params = paths.replace(params, l.path, {**node, "bias": 0 * node["bias"]})
     # Small norm shifts: a residual channel made of a constant negative
     # shift plus a weak shortcut could be negative on every pixel of the few
     # test batches, a data-dependent zero that no structural rule predicts.
     if l.norm is not None:
-      bn = li.get(params, l.norm)
-      params = li.replace(params, l.norm, {**bn, "bias": 0.2 * bn["bias"]})
+      bn = paths.get(params, l.norm)
+      params = paths.replace(params, l.norm, {**bn, "bias": 0.2 * bn["bias"]})
   pruner = pr.Pruner(params, v["gates"], info, 2)
   checked = 0
   for beta in (0.05, 0.3):
     masks0, _ = pruner.channel_masks(beta)
     masked = params
-    for c, m in zip(info.convs, masks0):
-      node = li.get(masked, c.path)
-      masked = li.replace(masked, c.path,
-                          {**node, "kernel": node["kernel"] * m[None, None]})
+    for c, m in zip(info.taking_part, masks0):
+      k = kernels.kernel(masked, c)
+      masked = kernels.with_kernel(masked, c, k * m[None, None])
     grads = _gradient_pattern(model, jax.tree.map(jnp.asarray, masked),
                               v["batch_stats"], beta > 0.1)
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       res = pruner.result(beta)
-    for c, m0 in zip(info.convs, masks0):
-      g = np.sum(li.get(grads, c.path)["kernel"], axis=(0, 1))   # (I, O)
-      got = np.asarray(li.get(res.masks, c.path)["kernel"]) != 0
+    for c, m0 in zip(info.taking_part, masks0):
+      g = np.sum(kernels.kernel(grads, c), axis=(0, 1))   # (I, O)
+      got = np.asarray(paths.get(res.masks, c.kernel_path[1:])) != 0
       np.testing.assert_array_equal(got, (m0 != 0) & (g != 0),
                                     err_msg=f"{c.name} at beta={beta}")
       checked += int(np.sum((m0 != 0) & (g == 0)))
       if c.norm is not None:
-        dead = li.get(grads, c.norm)["scale"] == 0
+        dead = paths.get(grads, c.norm + ("scale",)) == 0
         np.testing.assert_array_equal(
-            li.get(res.masks, c.norm)["scale"] == 0, dead,
+            paths.get(res.masks, c.norm + ("scale",)) == 0, dead,
             err_msg=f"{'.'.join(c.norm)} at beta={beta}")
   assert checked > 0  # some kept kernels really were removed as dead
 
@@ -230,11 +233,11 @@ def test_generic_export_matches_the_masked_model(tmp_path, family):
   assert all(isinstance(t, torch.Tensor) for t in sd.values())
   desc = json.loads((tmp_path / branched.BRANCHES).read_text())
   by_name = {l["layer"]: l for l in desc["layers"]}
-  for c in info.convs:
+  for c in info.taking_part:
     if c.name not in by_name:
       continue
     layer = by_name[c.name]
-    mask = np.asarray(li.get(res.masks, c.path)["kernel"]) != 0  # (I, O)
+    mask = np.asarray(paths.get(res.masks, c.kernel_path[1:])) != 0  # (I, O)
     for b in layer["branches"]:
       # A branch reads exactly the kept inputs of its filters.
       for o in b["filters"]:
@@ -274,18 +277,23 @@ class _Mixing(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     x = layers.Conv(4, name="stem")(x)
-    x = layers.Conv(4, groups=2, name="conv")(x)
+    x = layers.Conv(4, name="conv")(x)
     x = jnp.cumsum(x, axis=-1)
-    x = layers.Conv(4, groups=2, name="after")(x)
+    x = layers.Conv(4, name="after")(x)
     return layers.Dense(10, name="fc")(jnp.mean(x, axis=(1, 2)))
 
 
 def test_bad_inputs_are_clear_errors():
-  with pytest.raises(ValueError, match=r"conv: .*'cumsum'"):
+  with pytest.raises(ValueError, match=r"conv reach the JAX primitive "
+                                       r"'cumsum'"):
     dsp_jax.analyze(_Mixing(), (8, 8, 3))
-  with pytest.raises(ValueError, match=r"layer1/0/conv1.*groups must be in "
+  with pytest.raises(ValueError, match=r"layer1.0.conv1: groups must be in "
                                        r"\[1, 4\]"):
-    dsp_jax.analyze(_model("bottleneck", groups=5), (SIZE, SIZE, 3))
+    _model("bottleneck", groups=5).init(
+        jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
+  with pytest.raises(ValueError, match=r"layer1.0.conv1: groups must be in "
+                                       r"\[1, 4\]"):
+    dsp_jax.init_gates(_setup("bottleneck")[1], 5)
   _, info, v = _setup("bottleneck")
   top = pr.Pruner(v["params"], v["gates"], info, 2).flops_at(pr.BETA_MAX)
   assert top < 99.0
@@ -294,11 +302,10 @@ def test_bad_inputs_are_clear_errors():
     pr.prune(v["params"], v["gates"], info, groups=2, rate=0.99)
   # Half the kernels already zero: rates at or below that are unreachable.
   params = jax.tree.map(np.asarray, v["params"])
-  for c in info.convs:
-    node = li.get(params, c.path)
-    k = node["kernel"].copy()
+  for c in info.taking_part:
+    k = np.array(kernels.kernel(params, c))
     k[..., : k.shape[-1] // 2] = 0
-    params = li.replace(params, c.path, {**node, "kernel": k})
+    params = kernels.with_kernel(params, c, k)
   with pytest.raises(ValueError, match=r"unreachable.*\(0\.50.*zero kernels"):
     pr.prune(params, v["gates"], info, groups=2, rate=0.3)
 

@@ -20,7 +20,7 @@ from flax import linen as nn
 
 from dsp_jax import gates as gates_lib
 from dsp_jax import group_step as gs
-from dsp_jax import layer_info as li
+from dsp_jax import kernels
 from dsp_jax import regularizer as reg
 from models import layers
 
@@ -45,9 +45,9 @@ class Tiny(nn.Module):
     pd = self.param_dtype
     x = layers.Conv(C, name="stem", param_dtype=pd)(x)
     x = nn.relu(layers.BatchNorm(name="bn", param_dtype=pd)(x, train))
-    y = layers.Conv(C, name="conv_a", groups=G, param_dtype=pd)(x)
+    y = layers.Conv(C, name="conv_a", param_dtype=pd)(x)
     y = nn.relu(layers.BatchNorm(name="bn_a", param_dtype=pd)(y, train))
-    y = layers.Conv(C, name="conv_b", groups=G, param_dtype=pd)(y)
+    y = layers.Conv(C, name="conv_b", param_dtype=pd)(y)
     y = layers.BatchNorm(name="bn_b", param_dtype=pd)(y, train)
     x = nn.relu(x + y)
     return layers.Dense(K, name="fc", param_dtype=pd)(jnp.mean(x, (1, 2)))
@@ -234,7 +234,7 @@ def _setup(dtype):
   model = Tiny(param_dtype=dtype)
   x0 = jnp.zeros((1, HW, HW, 3), dtype)
   variables = model.init(jax.random.key(0), x0, train=False)
-  info = li.analyze(model, (HW, HW, 3), dtype)
+  info = kernels.analyze(model, (HW, HW, 3))
   gates = gates_lib.init_gates(info, G, key=jax.random.key(1), dtype=dtype)
   state = gs.init_group_state(variables, gates, rng=jax.random.key(2),
                               momentum=MOM, weight_decay=WD, gate_lr=GATE_LR)

@@ -11,16 +11,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import linen as nn
+
 import models
-from dsp_jax import finetune
+from models import paths
 from dsp_jax import gates as gates_lib
-from dsp_jax import layer_info as li
+from dsp_jax import kernels
 from dsp_jax import pruning as pr
 
 
 # ------------------------------------------------------------ hand-made case
+class _Hand(nn.Module):
+  """stem -> l0 (1x1, 2x2 map) -> mean -> l1 (1x1, 1x1 map) -> fc.
+
+  A mean over l0's channels also reaches the logits, so l0's channels are
+  always read (no dead structure: the masks are those of steps 1-3).
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (1, 1), use_bias=False, name="stem")(x)
+    y = nn.Conv(4, (1, 1), use_bias=False, name="l0")(x)
+    z = nn.Conv(4, (1, 1), use_bias=False, name="l1")(
+        jnp.mean(y, axis=(1, 2), keepdims=True))
+    return (nn.Dense(2, name="fc")(z.reshape(z.shape[0], -1))
+            + jnp.mean(y, axis=(1, 2, 3))[:, None])
+
+
 def _hand_case():
-  """Two 1x1 convs, G = 2, I = O = 4; layer 1 is the fp layer (n = 2).
+  """Two taking-part 1x1 convs, G = 2, I = O = 4; layer 1 is the fp layer.
 
   Layer 0: filters 0, 1 in group 0, filters 2, 3 in group 1. Group 0's
   channel importances are (1, 2, 3, 4) / 10, group 1's (4, 3, 2, 1) / 10.
@@ -31,15 +50,17 @@ def _hand_case():
   w0 = np.stack([e, e, e[::-1], e[::-1]])             # (O, I) PyTorch order
   a = np.sqrt(np.array([1.0, 2, 3, 4]) / 10)
   w1 = np.outer(a, a)
-  convs = (
-      li.ConvInfo(("l0",), (1, 1, 4, 4), (2, 2, 4), (2, 2, 4), None),
-      li.ConvInfo(("l1",), (1, 1, 4, 4), (1, 1, 4), (1, 1, 4), None),
-  )
-  info = li.LayerInfo(convs, (), (2, 2, 4))
+  info = kernels.analyze(_Hand(), (2, 2, 4))
+  assert [l.name for l in info.taking_part] == ["l0", "l1"]
   params = {"l0": {"kernel": w0.T[None, None]}, "l1": {"kernel": w1.T[None, None]}}
   gates = {"l0": {"logits": np.array([[1.0, 1, 0, 0], [0, 0, 1, 1]])},
            "l1": {"logits": np.array([[1.0, 1, 1, 1], [0, 0, 0, 0]])}}
   return params, gates, info
+
+
+# Layer 1 alone is filter-pruned: the every-2nd rule (the graph would make
+# every layer of a network without residual sums an fp layer).
+FP = dict(fp_every=2)
 
 
 def _oi(res, name):
@@ -48,7 +69,7 @@ def _oi(res, name):
 
 def test_hand_masks_and_reference_figures():
   params, gates, info = _hand_case()
-  res = pr.prune_at(params, gates, info, groups=2, beta=0.35)
+  res = pr.prune_at(params, gates, info, groups=2, beta=0.35, **FP)
   # Layer 0: sorted cumsums .1, .3, .6, 1 -> cnt = 2, threshold .2: group 0
   # keeps channels 2, 3 and group 1 (reversed) keeps channels 0, 1.
   np.testing.assert_array_equal(_oi(res, "l0"), [[0, 0, 1, 1], [0, 0, 1, 1],
@@ -74,7 +95,7 @@ def test_ties_at_the_threshold_are_pruned():
   # the threshold .25 equals every entry, so nothing is kept (imp > thr).
   params["l0"]["kernel"] = params["l0"]["kernel"].copy()
   params["l0"]["kernel"][0, 0, :, 2:] = 0.5
-  res = pr.prune_at(params, gates, info, groups=2, beta=0.4)
+  res = pr.prune_at(params, gates, info, groups=2, beta=0.4, **FP)
   np.testing.assert_array_equal(_oi(res, "l0")[2:], 0)
   # Group 0 (cumsums .1, .3, .6): cnt = 2, threshold .2, channels 2, 3 kept.
   np.testing.assert_array_equal(_oi(res, "l0")[:2], [[0, 0, 1, 1]] * 2)
@@ -83,13 +104,14 @@ def test_ties_at_the_threshold_are_pruned():
 def test_cnt_zero_defect_in_parity_mode_and_fixed_mode():
   params, gates, info = _hand_case()
   with pytest.warns(UserWarning, match="cnt_g = 0"):
-    res = pr.prune_at(params, gates, info, groups=2, beta=0.05)
+    res = pr.prune_at(params, gates, info, groups=2, beta=0.05, **FP)
   # Every group's first cumsum (.1) is >= .05: cnt = 0, threshold = largest,
   # the whole group goes; the fp layer loses every filter too.
   assert res.p_flops == pytest.approx(100.0)
   assert ("l0", 0) in res.empty_groups and ("l0", 1) in res.empty_groups
   assert ("l1", -1) in res.empty_groups
-  fixed = pr.prune_at(params, gates, info, groups=2, beta=0.05, parity=False)
+  fixed = pr.prune_at(params, gates, info, groups=2, beta=0.05, parity=False,
+                      **FP)
   assert fixed.p_flops == pytest.approx(0.0)
   np.testing.assert_array_equal(_oi(fixed, "l0"), 1)
 
@@ -107,38 +129,37 @@ def test_fp_layer_choice():
 def test_bad_inputs_raise_clear_errors():
   params, gates, info = _hand_case()
   with pytest.raises(ValueError, match="3 groups|groups=3"):
-    pr.prune(params, gates, info, groups=3, rate=0.5)
+    pr.prune(params, gates, info, groups=3, rate=0.5, **FP)
   with pytest.raises(ValueError, match=r"unreachable.*\(0\.0000, 1\)"):
-    pr.prune(params, gates, info, groups=2, rate=1.0)
+    pr.prune(params, gates, info, groups=2, rate=1.0, **FP)
   with pytest.raises(ValueError, match="unreachable"):
-    pr.prune(params, gates, info, groups=2, rate=0.0)
+    pr.prune(params, gates, info, groups=2, rate=0.0, **FP)
   big = {"l0": {"logits": np.zeros((5, 4))}, "l1": {"logits": np.zeros((5, 4))}}
   with pytest.raises(ValueError, match="l0: groups=5 exceeds its 4 filters"):
     pr.prune(params, big, info, groups=5, rate=0.5)
 
 
-def test_layer_info_needs_gates_and_agrees_with_the_structure():
-  with pytest.raises(ValueError, match="groups=G"):
-    li.analyze(models.create_model("cifar_resnet8"), (32, 32, 3))
-  model = models.create_model("cifar_resnet8", groups=2)
-  info = li.analyze(model, (32, 32, 3))
-  assert info.paths == tuple(l.path for l in models.analyze(model).taking_part)
-  assert [c.name for c in info.convs[:2]] == ["stage_1.0.conv_a",
-                                              "stage_1.0.conv_b"]
-  c = info.convs[2]   # stage_2.0.conv_a: 4 -> 8 channels, stride 2
-  assert (c.kernel_shape, c.in_shape, c.out_shape) == (
-      (3, 3, 4, 8), (32, 32, 4), (16, 16, 8))
-  assert c.insize == 32 * 32 * 4 / (16 * 32 * 32)
+def test_taking_part_layers_come_from_the_graph():
+  # A plain model (no gates, no groups) is analysed as it is.
+  model = models.create_model("cifar_resnet8").model
+  info = kernels.analyze(model, (32, 32, 3))
+  tp = info.taking_part
+  assert [c.name for c in tp[:2]] == ["stage_1.0.conv_a", "stage_1.0.conv_b"]
+  c = tp[2]   # stage_2.0.conv_a: 4 -> 8 channels, stride 2
+  assert (c.kernel_shape, c.in_shape, c.out_hw) == (
+      (3, 3, 4, 8), (32, 32, 4), (16, 16))
+  assert kernels.insize(c) == 32 * 32 * 4 / (16 * 32 * 32)
   assert c.flops == 8 * 4 * 9 * 16 * 16
-  assert len(info.blocks) == 3 and info.blocks[0].norm_b == ("stage_1", "0",
-                                                             "bn_b")
+  assert len(info.blocks) == 3 and info.blocks[0].main[1][1] == (
+      "stage_1", "0", "bn_b")
+  assert kernels.derived_fp(info) == (1, 3, 5)
 
 
 # ----------------------------------------------------- ResNets, random gates
 @functools.lru_cache(maxsize=None)
 def _model(name, groups):
   model = models.create_model(name, groups=groups, image_size=None)
-  info = li.analyze(model, (8, 8, 3))
+  info = kernels.analyze(model, (8, 8, 3))
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
                          train=False))
@@ -199,19 +220,20 @@ def test_dead_structure_matches_gradient_check(name, groups, beta):
   pruner = pr.Pruner(params, gates, info, groups)
   masks0, _ = pruner.channel_masks(beta)
   masked = params
-  for c, m in zip(info.convs, masks0):
-    node = li.get(masked, c.path)
-    masked = li.replace(masked, c.path,
-                        {**node, "kernel": node["kernel"] * m[None, None]})
+  for c, m in zip(info.taking_part, masks0):
+    w = paths.get(masked, c.kernel_path[1:])
+    masked = paths.replace(masked, c.kernel_path[1:], w * m[None, None])
   grads = _grad_zero_pattern(name, groups, variables, gates, masked, 0)
   with pytest.warns(UserWarning) if beta < 0.1 else _nothing():
     res = pruner.result(beta)
   leaked = 0
+  tp = [l.path for l in info.taking_part]
+  get = lambda tree, path, leaf: paths.get(tree, path + (leaf,))
   for b in info.blocks:
-    la, lb = info.paths.index(b.conv_a), info.paths.index(b.conv_b)
-    ga = li.get(grads, b.conv_a)["kernel"]
-    gb = li.get(grads, b.conv_b)["kernel"]
-    ma, mb = li.get(res.masks, b.conv_a)["kernel"], li.get(res.masks, b.conv_b)["kernel"]
+    (conv_a, norm_a), (conv_b, norm_b) = b.main
+    la, lb = tp.index(conv_a), tp.index(conv_b)
+    ga, gb = get(grads, conv_a, "kernel"), get(grads, conv_b, "kernel")
+    ma, mb = get(res.masks, conv_a, "kernel"), get(res.masks, conv_b, "kernel")
     # conv_a filter o is zeroed iff its gradient is zero or it was masked.
     filt_dead = np.all(ga == 0, axis=(0, 1, 2)) | np.all(masks0[la] == 0, axis=0)
     np.testing.assert_array_equal(np.all(ma == 0, axis=0), filt_dead)
@@ -219,10 +241,10 @@ def test_dead_structure_matches_gradient_check(name, groups, beta):
     chan_dead = np.all(gb == 0, axis=(0, 1, 3)) | np.all(masks0[lb] == 0, axis=1)
     np.testing.assert_array_equal(np.all(mb == 0, axis=1), chan_dead)
     # A BN dies iff its gamma gradient is zero.
-    for norm in (b.norm_a, b.norm_b):
-      dead = li.get(grads, norm)["scale"] == 0
-      np.testing.assert_array_equal(li.get(res.masks, norm)["scale"] == 0, dead)
-      bn = li.get(res.params, norm)
+    for norm in (norm_a, norm_b):
+      dead = get(grads, norm, "scale") == 0
+      np.testing.assert_array_equal(get(res.masks, norm, "scale") == 0, dead)
+      bn = paths.get(res.params, norm)
       assert np.all(bn["scale"][dead] == 0) and np.all(bn["bias"][dead] == 0)
     # Emptied conv_a filters whose beta_a > 0 keep their conv_b column.
     leaked += int(np.sum(np.all(masks0[la] == 0, axis=0)
@@ -236,10 +258,10 @@ def test_dead_structure_matches_gradient_check(name, groups, beta):
   jax.tree.map(np.testing.assert_array_equal,
                res.params["stage_2"]["0"]["downsample"],
                params["stage_2"]["0"]["downsample"])
-  for c in info.convs:
+  for c in info.taking_part:
     np.testing.assert_array_equal(
-        li.get(res.params, c.path)["kernel"],
-        li.get(params, c.path)["kernel"] * li.get(res.masks, c.path)["kernel"])
+        get(res.params, c.path, "kernel"),
+        get(params, c.path, "kernel") * get(res.masks, c.path, "kernel"))
 
 
 class _nothing:
@@ -262,13 +284,13 @@ def test_masks_collection_reproduces_pruned_forward():
   pruned = model.apply({**v, "params": res.params}, x, train=False)
   np.testing.assert_allclose(dense, pruned, rtol=1e-5, atol=1e-5)
   # The fine-tune mask application maps the dense weights to the pruned ones.
-  again = finetune.apply_masks(jax.tree.map(jnp.asarray, params),
-                               jax.tree.map(jnp.asarray, res.masks))
-  for c in info.convs:
-    np.testing.assert_array_equal(li.get(again, c.path)["kernel"],
-                                  li.get(res.params, c.path)["kernel"])
+  again = models.apply_masks(jax.tree.map(jnp.asarray, params),
+                             jax.tree.map(jnp.asarray, res.masks))
+  for c in info.taking_part:
+    np.testing.assert_array_equal(paths.get(again, c.kernel_path[1:]),
+                                  paths.get(res.params, c.kernel_path[1:]))
   for b in info.blocks:
-    bn = li.get(again, b.norm_a)
+    bn = paths.get(again, b.main[0][1])
     assert np.all(np.asarray(bn["bias"])[np.asarray(bn["scale"]) == 0] == 0)
 
 

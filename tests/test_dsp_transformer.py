@@ -16,7 +16,8 @@ import pytest
 import dsp_jax
 import models
 from convert import jax_side
-from dsp_jax import layer_info as li
+from dsp_jax import kernels
+from models import paths
 from dsp_jax import pruning as pr
 from dsp_jax import regularizer as reg
 from tests.test_dsp_generic import (SIZE, _gradient_pattern,
@@ -37,17 +38,19 @@ def _setup(seed: int = 0):
 
 def _regulariser(params, gates, info):
   return sum(float(reg.regulariser_value(
-      li.kernel(params, c),
-      dsp_jax.hard_assignment(li.get(gates, c.path)["logits"])))
-             for c in info.convs)
+      kernels.kernel(params, c),
+      dsp_jax.hard_assignment(kernels.logits(gates, c))))
+             for c in info.taking_part)
 
 
 def test_groups_put_gates_on_the_mlp_linears_only():
   model, info, v = _setup()
   mlps = [("encoder", "layers", f"encoder_layer_{i}", "mlp") for i in (0, 1)]
-  assert info.paths == tuple(m + (f,) for m in mlps for f in ("fc1", "fc2"))
-  assert [info.convs[i].path[-1] for i in info.fp] == ["fc2", "fc2"]
-  fc1 = info.convs[0]
+  tp = info.taking_part
+  assert [c.path for c in tp] == [m + (f,) for m in mlps
+                                  for f in ("fc1", "fc2")]
+  assert [tp[i].path[-1] for i in kernels.derived_fp(info)] == ["fc2", "fc2"]
+  fc1 = tp[0]
   # A Dense (I, O) kernel over T tokens is a 1x1 conv over a T x 1 map.
   assert fc1.kernel_shape == (1, 1, 32, 64) and fc1.in_shape == (5, 1, 32)
   assert fc1.flops == 32 * 64 * 5
@@ -61,17 +64,15 @@ def test_groups_put_gates_on_the_mlp_linears_only():
   assert "gates" not in plain
   assert jax.tree.structure(plain["params"]) == jax.tree.structure(
       grouped["params"])
-  with pytest.raises(ValueError, match="exclusive"):
-    dsp_jax.analyze(models.create_model("vit_tiny", 10, groups=2,
-                                        mlp_scale=True), (32, 32, 3))
 
 
 def test_swin_mlps_take_part_with_fc2_as_fp():
   info = dsp_jax.analyze(models.create_model("swin_tiny", 10, groups=2),
                          (32, 32, 3))
-  assert len(info.convs) == 8
-  assert all(c.path[-2] == "mlp" for c in info.convs)
-  assert [info.convs[i].path[-1] for i in info.fp] == ["fc2"] * 4
+  tp = info.taking_part
+  assert len(tp) == 8
+  assert all(c.path[-2] == "mlp" for c in tp)
+  assert [tp[i].path[-1] for i in kernels.derived_fp(info)] == ["fc2"] * 4
 
 
 def test_group_step_runs_and_reduces_the_group_regulariser():
@@ -86,7 +87,8 @@ def test_group_step_runs_and_reduces_the_group_regulariser():
   assert np.isfinite(float(metrics["loss"]))
   assert _regulariser(state.params, state.gates, info) < 0.9 * before
   # The Dense kernels keep their (I, O) layout.
-  assert li.get(state.params, info.convs[0].path)["kernel"].shape == (32, 64)
+  assert paths.get(state.params, info.taking_part[0].kernel_path[1:]
+                   ).shape == (32, 64)
 
 
 @pytest.mark.parametrize("rate", [0.4, 0.6])
@@ -98,9 +100,9 @@ def test_rate_search_lands_within_the_tolerance(rate):
   assert len(res.trajectory) == 11
   assert abs(res.p_flops - 100 * rate) < 1.0
   assert 0 < res.whole_model["pflops_whole_model"] < res.p_flops
-  for c in info.convs:
-    assert li.get(res.params, c.path)["kernel"].shape == c.kernel_shape[2:]
-    assert li.get(res.masks, c.path)["kernel"].shape == c.kernel_shape[2:]
+  for c in info.taking_part:
+    assert paths.get(res.params, c.kernel_path[1:]).shape == c.kernel_shape[2:]
+    assert paths.get(res.masks, c.kernel_path[1:]).shape == c.kernel_shape[2:]
 
 
 def test_dead_structure_equals_the_zero_gradient_pattern():
@@ -113,17 +115,18 @@ def test_dead_structure_equals_the_zero_gradient_pattern():
     # fc1 units 0-7 of block 0 lose every input: Dense masks their biases
     # too, so they output GELU(0) = 0 and their fc2 rows die.
     masks0[0][:, :8] = 0
-    masked = params  # as the masks collection acts (models.layers.Dense)
-    for c, m in zip(info.convs, masks0):
-      masked = li.with_kernel(masked, c, li.kernel(masked, c) * m[None, None])
-      node = li.get(masked, c.path)
-      masked = li.replace(masked, c.path,
-                          {**node, "bias": node["bias"] * m.max(axis=0)})
+    masked = params  # as the masks collection acts (models.apply_masks)
+    for c, m in zip(info.taking_part, masks0):
+      masked = kernels.with_kernel(masked, c,
+                                   kernels.kernel(masked, c) * m[None, None])
+      node = paths.get(masked, c.path)
+      masked = paths.replace(masked, c.path,
+                             {**node, "bias": node["bias"] * m.max(axis=0)})
     grads = _gradient_pattern(model, jax.tree.map(jnp.asarray, masked), {},
                               int(beta * 10))
-    masks, _ = pruner.dead_structure(masks0)
-    for c, m0, m in zip(info.convs, masks0, masks):
-      g = np.asarray(li.get(grads, c.path)["kernel"])            # (I, O)
+    masks, _, _ = pruner.dead_structure(masks0)
+    for c, m0, m in zip(info.taking_part, masks0, masks):
+      g = np.asarray(paths.get(grads, c.kernel_path[1:]))         # (I, O)
       np.testing.assert_array_equal(m != 0, (m0 != 0) & (g != 0),
                                     err_msg=f"{c.name} at beta={beta}")
       checked += int(np.sum((m0 != 0) & (g == 0)))
@@ -148,9 +151,9 @@ def test_export_matches_the_masked_model(tmp_path):
   np.testing.assert_allclose(got, io["logits"], atol=1e-4)
   sd = torch.load(tmp_path / branched.STATE_DICT, weights_only=True)
   # Compact: fc1 keeps only its live units, fc2 writes only its kept outputs.
-  for c in info.convs:
-    mask = np.asarray(li.get(res.masks, c.path)["kernel"]) != 0
-    live = np.abs(np.asarray(li.get(res.params, c.path)["kernel"])) * mask > 0
+  for c in info.taking_part:
+    mask = np.asarray(paths.get(res.masks, c.kernel_path[1:])) != 0
+    live = np.abs(np.asarray(paths.get(res.params, c.kernel_path[1:]))) * mask > 0
     kept = np.flatnonzero(live.any(axis=0))
     block = ".".join(c.path[:-1])
     if c.path[-1] == "fc2":
@@ -161,7 +164,7 @@ def test_export_matches_the_masked_model(tmp_path):
   # branches.json lists each Linear's groups (units with the same inputs).
   desc = json.loads((tmp_path / branched.BRANCHES).read_text())
   by_name = {l["layer"]: l for l in desc["layers"]}
-  assert set(by_name) == {c.name for c in info.convs}
+  assert set(by_name) == {c.name for c in info.taking_part}
   assert max(r.branches.values()) >= 2
   assert branched.family_supported(model)
   # The converter's export picks this path for a ViT carrying group logits.

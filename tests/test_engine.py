@@ -85,7 +85,7 @@ def test_apply_masks_matches_the_layers_forward_pass():
   rng = np.random.default_rng(1)
   masks = jax.tree.map(
       lambda m: jnp.asarray(rng.random(m.shape) > 0.4, m.dtype), v["masks"])
-  masked = state_lib.apply_masks(v["params"], masks)
+  masked = models.apply_masks(v["params"], masks)
   conv = masked["stage_1"]["0"]["conv_a"]["kernel"]
   m = masks["stage_1"]["0"]["conv_a"]["kernel"]
   np.testing.assert_array_equal(conv == 0, np.broadcast_to(m == 0, conv.shape)
@@ -99,9 +99,9 @@ def test_apply_masks_matches_the_layers_forward_pass():
   with_masks = apply({**v, "masks": masks}, x)
   pre_masked = apply({"params": masked, "batch_stats": v["batch_stats"]}, x)
   np.testing.assert_allclose(with_masks, pre_masked, rtol=1e-5, atol=1e-6)
-  assert state_lib.apply_masks(v["params"], {}) is v["params"]
+  assert models.apply_masks(v["params"], {}) is v["params"]
   with pytest.raises(KeyError, match="no parameter"):
-    state_lib.apply_masks(v["params"], {"nope": {"kernel": m}})
+    models.apply_masks(v["params"], {"nope": {"kernel": m}})
 
 
 def _tiny_state(masks=False):

@@ -1,4 +1,4 @@
-"""Channel-flow structure derived from the traced jaxpr."""
+"""The traced graph of the zoo models: roles, spaces, shapes, dead channels."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 from flax import linen as nn
 
 import models
+from dsp_jax import kernels
 from models import layers
 
 
@@ -76,8 +77,9 @@ def test_cifar_resnet20_shapes_and_insize():
   assert (l.in_hw, l.out_hw) == ((32, 32), (16, 16))
   assert l.macs == l.flops == 32 * 16 * 9 * 16 * 16
   assert l.params == 32 * 16 * 9
-  assert l.insize == 16 * 32 * 32 / (16 * 32 * 32)
-  assert s[_p("stage_3.0.conv_b")].insize == 64 * 8 * 8 / (16 * 32 * 32)
+  assert kernels.insize(l) == 16 * 32 * 32 / (16 * 32 * 32)
+  assert kernels.insize(s[_p("stage_3.0.conv_b")]) == 64 * 8 * 8 / (
+      16 * 32 * 32)
   assert s[_p("classifier")].params == 64 * 10 + 10
   assert s[_p("bn_1")].params == 32
 
@@ -187,12 +189,12 @@ def _tiny_models():
   zoo = [(n, models.create_model(n, num_classes=10))
          for n in models.list_models() if models.model_spec(n).tiny]
   # Families whose registered tiny variant does not cover every layout.
-  zoo.append(("tiny_bottleneck_imagenet_stem", resnet.ResNet(
+  zoo.append(("tiny_bottleneck_imagenet_stem", models.prunable(resnet.ResNet(
       block="bottleneck", stage_sizes=(1, 2), widths=(4, 8), stem="imagenet",
-      num_classes=10, image_size=32)))
-  zoo.append(("tiny_vgg_imagenet_head", vgg.VGG(
+      num_classes=10, image_size=32))))
+  zoo.append(("tiny_vgg_imagenet_head", models.prunable(vgg.VGG(
       config=(4, "M", 8, "M"), head="imagenet", hidden=16, pool_size=3,
-      num_classes=10, image_size=32)))
+      num_classes=10, image_size=32))))
   return zoo
 
 
@@ -305,17 +307,16 @@ def test_dead_channels_rules_on_cifar_resnet8():
   masks["stage_1"]["0"]["bn_a"]["scale"][1] = 0
   dead = models.dead_channels(s, masks)
   assert np.flatnonzero(dead[_p("stage_1.0.conv_a")]).tolist() == [1]
-  # Propagation: conv_b's filter 3 is unread (stage 2 ignores channel 3 too);
-  # with every conv_b row but 3 masked at input 0, conv_a's channel 0 dies
-  # only when propagating.
+  # Transitive: conv_b's filter 3 is unread (stage 2 ignores channel 3 too);
+  # with every conv_b row but 3 masked at input 0, no gradient reaches
+  # conv_a's channel 0 either: one evaluation finds it.
   masks["stage_2"]["0"]["conv_a"]["kernel"][3, :] = 0
   masks["stage_2"]["0"]["downsample"]["0"]["kernel"][3, :] = 0
   masks["stage_1"]["0"]["conv_a"]["kernel"][3, :] = 0
   masks["stage_1"]["0"]["conv_b"]["kernel"][0, [0, 1, 2]] = 0
   one = models.dead_channels(s, masks, propagate=False)
-  full = models.dead_channels(s, masks)
-  assert not one[_p("stage_1.0.conv_a")][0]
-  assert full[_p("stage_1.0.conv_a")][0]
+  assert one[_p("stage_1.0.conv_a")][0]
+  assert one[_p("stage_1.0.conv_b")][3]
 
 
 class _NchwFlattenNet(nn.Module):
@@ -331,7 +332,7 @@ class _NchwFlattenNet(nn.Module):
 
 
 class _ConcatNet(nn.Module):
-  """Two convs concatenated on the channel axis (a channel-mixing op)."""
+  """Two convs concatenated on the channel axis."""
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -342,7 +343,7 @@ class _ConcatNet(nn.Module):
 
 
 def test_nchw_flatten_maps_features_to_channels_and_dead_channels():
-  model = _NchwFlattenNet()
+  model = models.prunable(_NchwFlattenNet())
   s = models.analyze(model, 8)
   fc1 = s[("fc1",)]
   # (B, C, H, W) flatten: feature f carries channel f // (H * W).
@@ -365,14 +366,21 @@ def test_nchw_flatten_maps_features_to_channels_and_dead_channels():
                                          train=False), base, atol=1e-6)
 
 
-def test_channel_concat_is_mixed_and_never_dead():
+def test_channel_concat_maps_each_producer_to_its_slice():
   s = models.analyze(_ConcatNet(), 8)
-  assert s.mixed == frozenset([("a",), ("b",)])
-  assert not s[("fc",)].aligned
-  masks = {"fc": {"kernel": np.zeros((4, 3))},
+  assert not s.mixed
+  fc = s[("fc",)]
+  assert fc.aligned and fc.inputs == (("a",), ("b",))
+  # Features 0-1 carry a's channels 0-1, features 2-3 b's.
+  assert [s.spaces[i] for i in fc.in_spaces] == [
+      frozenset({("a",)})] * 2 + [frozenset({("b",)})] * 2
+  np.testing.assert_array_equal(fc.channel_map(), [0, 1, 0, 1])
+  masks = {"fc": {"kernel": np.ones((4, 3))},
            "a": {"kernel": np.ones((3, 2))}, "b": {"kernel": np.ones((3, 2))}}
+  masks["fc"]["kernel"][[1, 2]] = 0  # a's channel 1 and b's channel 0
   dead = models.dead_channels(s, masks)
-  assert not np.any(dead[("a",)]) and not np.any(dead[("b",)])
+  assert dead[("a",)].tolist() == [False, True]
+  assert dead[("b",)].tolist() == [True, False]
 
 
 def test_gated_model_has_the_same_structure():

@@ -26,7 +26,7 @@ def vgg():
   model = models.create_model("cifar_vgg_tiny", 10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                          train=False)
-  return model, variables, ddrop_jax.ddrop_layers(variables["params"])
+  return model, variables, ddrop_jax.ddrop_layers(model)
 
 
 def _kept(masks, layer):
@@ -73,14 +73,13 @@ def test_random_prunes_the_same_counts_and_macs_as_ddrop(vgg):
     baselines.prune(variables, layers, criterion="l2", amount=0.5)
 
 
-def test_scope_all_ranks_every_layer_by_l1():
+def test_prune_residual_ranks_every_layer_by_l1():
   model = models.create_model("cifar_resnet8", 10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                          train=False)
-  layers = ddrop_jax.ddrop_layers(variables["params"])
-  pruned = baselines.prune(variables, layers, criterion="l1", amount=0.5,
-                           scope="all")
-  targets = prune_layers(variables["params"], layers, "all")
+  layers = ddrop_jax.ddrop_layers(model)
+  targets = prune_layers(model, layers, True)
+  pruned = baselines.prune(variables, targets, criterion="l1", amount=0.5)
   assert len(targets) > len(layers)
   for layer in targets:
     k = np.asarray(_at(variables["params"], layer.producer)["kernel"])

@@ -19,7 +19,7 @@ import ddrop_jax as dd
 import models
 from configs import base
 from convert import dsp, jax_side, pretrained, slim, transformers
-from models import structure as structure_lib
+from models import graph as structure_lib
 from training import config as config_lib
 
 ATOL = 1e-4
@@ -386,7 +386,7 @@ def test_structure_separates_mlp_units_from_attention():
 def test_ddrop_acts_on_exactly_the_mlp_hidden_units(name):
   model = models.create_model(name, 10, mlp_scale=True)
   v = jax_side.random_variables(model, 0)
-  layers = dd.ddrop_layers(v)
+  layers = dd.ddrop_layers(model)
   blocks = 2 if name == "vit_tiny" else 4
   assert len(layers) == blocks
   for l in layers:
@@ -429,7 +429,7 @@ def test_ddrop_acts_on_exactly_the_mlp_hidden_units(name):
 def test_slim_export_matches_masked_jax_with_fewer_params(name, tmp_path):
   model = models.create_model(name, 10, mlp_scale=True)
   v = jax_side.random_variables(model, 0)
-  pruned = jax_side.to_numpy_tree(dd.prune(v, dd.ddrop_layers(v),
+  pruned = jax_side.to_numpy_tree(dd.prune(v, dd.ddrop_layers(model),
                                            dd.DdropConfig(amount=0.5)))
   if name == "vit_tiny":
     out = slim.export_ddrop(model, pruned, tmp_path, program=False)
@@ -473,7 +473,7 @@ def test_bad_inputs_are_clear_errors():
   # Pruning every hidden unit of a block cannot be slimmed: named.
   vit = models.create_model("vit_tiny", 10, mlp_scale=True)
   v = jax_side.random_variables(vit, 0)
-  empty = dd.prune(v, dd.ddrop_layers(v), dd.DdropConfig(amount=1.0))
+  empty = dd.prune(v, dd.ddrop_layers(vit), dd.DdropConfig(amount=1.0))
   with pytest.raises(ValueError, match="encoder_layer_0.mlp keeps none"):
     slim.slim(vit, jax_side.to_numpy_tree(empty))
   with pytest.raises(ValueError, match="image size 30.*patch size 8"):

@@ -6,12 +6,13 @@
 * ``random``: units drawn uniformly at random per layer.
 
 Both prune the units of the same layers DDROP prunes
-(``ddrop_jax.selection.prune_layers`` of a scope) and build their variables
+(``ddrop_jax.ddrop_layers``, or ``prune_layers`` of them) and build their
+variables
 through ``ddrop_jax.prune`` (``floor(amount * C)`` units per layer; kernel
 and norm masks, zeroed params, identity statistics), so the pruned model
 trains, counts its FLOPs and exports exactly as a DDROP-pruned one does.
 ``ddrop_jax.prune`` ranks units by a per-unit importance tree under its
-``activation`` criterion; the baselines hand it theirs.
+``activation`` importance; the baselines hand it theirs.
 """
 
 from __future__ import annotations
@@ -20,21 +21,14 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
-
 from ddrop_jax.config import DdropConfig
 from ddrop_jax.pruning import prune as ddrop_prune
-from ddrop_jax.selection import DdropLayer, prune_layers
+from ddrop_jax.selection import DdropLayer
+from models import paths
 
 CRITERIA = ("l1", "random")
 # The key ``ddrop_jax.probs.importance`` reads under ``activation``.
 _SCORE_KEY = "abs_mean"
-
-
-def _at(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 def l1_scores(params: Mapping[str, Any], layers: Sequence[DdropLayer]
@@ -50,10 +44,7 @@ def l1_scores(params: Mapping[str, Any], layers: Sequence[DdropLayer]
   """
   out = {}
   for layer in layers:
-    if layer.producer is None:
-      raise ValueError(f"{layer.name}: L1-norm pruning needs the producing "
-                       "conv/Linear of the unit, the layer has none")
-    k = _at(params, layer.producer)["kernel"]
+    k = paths.require(params, layer.producer + ("kernel",), "params")
     # Output units are the last axis of HWIO conv and (in, out) dense kernels.
     out[layer.path] = jnp.sum(jnp.abs(k), axis=tuple(range(k.ndim - 1)))
   return out
@@ -76,17 +67,17 @@ def random_scores(rng: jax.Array, layers: Sequence[DdropLayer]
 
 
 def prune(variables: Mapping[str, Any], layers: Sequence[DdropLayer], *,
-          criterion: str, amount: float, scope: str = "ddrop_layers",
+          criterion: str, amount: float,
           rng: jax.Array | None = None) -> dict[str, Any]:
-  """Prunes ``floor(amount * C)`` units of every layer of ``scope``.
+  """Prunes ``floor(amount * C)`` units of every layer of ``layers``.
 
   Args:
     variables: model variables (``params``, ``batch_stats``, optional
       ``masks``, which are kept and ANDed).
-    layers: the DDROP layers of the model (``ddrop_jax.ddrop_layers``).
+    layers: the layers to prune (``ddrop_jax.ddrop_layers``, or
+      ``ddrop_jax.prune_layers`` of them).
     criterion: ``l1`` or ``random``.
     amount: fraction of units pruned per layer, in [0, 1).
-    scope: ``ddrop_layers`` or ``all`` (``ddrop_jax.selection.prune_layers``).
     rng: the key of ``random``.
 
   Returns:
@@ -98,18 +89,14 @@ def prune(variables: Mapping[str, Any], layers: Sequence[DdropLayer], *,
   if criterion not in CRITERIA:
     raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got "
                      f"{criterion!r}")
-  targets = prune_layers(variables["params"], layers, scope)
   if criterion == "l1":
-    scores = l1_scores(variables["params"], targets)
+    scores = l1_scores(variables["params"], layers)
   elif rng is None:
     raise ValueError("criterion 'random' needs an rng key")
   else:
-    scores = random_scores(rng, targets)
-  tree = traverse_util.unflatten_dict(
+    scores = random_scores(rng, layers)
+  tree = paths.unflatten(
       {path + (_SCORE_KEY,): v for path, v in scores.items()})
-  # Every target layer is passed as a layer of its own, so that each is
-  # ranked by the supplied scores (not by |gamma|, the fallback for layers
-  # outside the given ones).
-  cfg = DdropConfig(criterion="activation", amount=amount,
-                    prune_scope="ddrop_layers")
-  return ddrop_prune(variables, targets, cfg, stats=tree)
+  # Every layer is ranked by the supplied scores.
+  cfg = DdropConfig(importance="activation", amount=amount)
+  return ddrop_prune(variables, tuple(layers), cfg, stats=tree)

@@ -120,9 +120,22 @@ class Field:
 
 def _model_name(name: str) -> str | None:
   import models  # Imported lazily: the schema must load without JAX work.
-  valid = models.list_models()
-  if name not in valid:
-    return f"unknown model {name!r}; valid names: {', '.join(valid)}"
+  try:
+    models.model_spec(name)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def _json_object(value: str) -> str | None:
+  if not value.strip():
+    return None
+  try:
+    got = json.loads(value)
+  except json.JSONDecodeError as e:
+    return f"needs a JSON object, got {value!r} ({e.msg})"
+  if not isinstance(got, dict):
+    return f"needs a JSON object, got {value!r}"
   return None
 
 
@@ -217,8 +230,12 @@ SCHEMA: dict[str, Any] = {
                          "weight.", min=1e-6),
     },
     # Model.
-    "model": F("cifar_resnet20", "Registry name (models.list_models()).",
-               check=_model_name),
+    "model": F("cifar_resnet20", "Registry name (models.list_models()) or "
+               "the import path package.module:Class of a Flax model of "
+               "your own.", check=_model_name),
+    "model_args": F("", "Keyword arguments of the model as a JSON object, "
+                    "e.g. '{\"stage_sizes\": [3, 4, 6, 3]}' ('' = none).",
+                    check=_json_object),
     "width_factor": F(0, "Width factor f of the CIFAR torchvision-layout "
                       "ResNets (stages 8f..64f); 0 = the reference's rule: 2 "
                       "for cifar100, 1 otherwise.", min=0),

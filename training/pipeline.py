@@ -18,6 +18,7 @@ A method pipeline (``dsp_jax.pipeline``, ``ddrop_jax.pipeline``) typically::
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Any, Mapping, Sequence
 
@@ -192,15 +193,17 @@ def build_model(config: Mapping[str, Any], num_classes: int,
   CIFAR-100 and 1 otherwise, as the DDROP reference does).
 
   Args:
-    config: the run config.
+    config: the run config (``model``, ``model_args``).
     num_classes: classifier outputs.
-    **overrides: further model attributes (e.g. ``groups``).
+    **overrides: further model attributes, and ``groups`` (DSP gates).
 
   Returns:
-    The Flax module.
+    The Flax module, wrapped by ``models.prunable``.
   """
   name, factor = config["model"], config["width_factor"]
   spec = models.model_spec(name)
+  if config["model_args"].strip():
+    overrides = {**json.loads(config["model_args"]), **overrides}
   if spec.family == "resnet" and spec.image_size == 32 and not spec.tiny:
     overrides.setdefault(
         "factor", factor or (2 if config["dataset"] == "cifar100" else 1))
@@ -208,7 +211,7 @@ def build_model(config: Mapping[str, Any], num_classes: int,
     raise config_lib.ConfigError(
         f"width_factor: only the CIFAR ResNets cifar_resnet18/34/50 take a "
         f"width factor, not {name!r}; leave it at 0")
-  if data.is_encoded(config["dataset"]):
+  if data.is_encoded(config["dataset"]) and spec.family != models.GENERIC:
     # The host transforms crop every image to image_size.
     overrides.setdefault("image_size", config["image_size"])
   if config["method"] == "ddrop" and spec.family in TRANSFORMER_FAMILIES:

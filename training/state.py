@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from flax import traverse_util
 
-from models import layers
+import models
 
 
 @struct.dataclass
@@ -25,8 +24,8 @@ class TrainState:
     params: the dense model (``params`` collection).
     batch_stats: BatchNorm running statistics.
     masks: ``masks`` collection (0/1), or ``{}`` for a dense model. When
-      present, the model applies them and ``apply_masks`` is re-applied to the
-      params after every update.
+      present, the model applies them and ``models.apply_masks`` is
+      re-applied to the params after every update.
     gates: DSP group logits (``gates`` collection), or ``{}``.
     opt_state: optax state of the params optimizer.
     rng: a ``jax.random.key``; step t uses ``fold_in(rng, t)``.
@@ -47,9 +46,9 @@ class TrainState:
     """The model variables (``params``, ``batch_stats``, masks, gates)."""
     v = {"params": self.params, "batch_stats": self.batch_stats}
     if self.masks:
-      v[layers.MASKS] = self.masks
+      v[models.MASKS] = self.masks
     if self.gates:
-      v[layers.GATES] = self.gates
+      v[models.GATES] = self.gates
     return v
 
 
@@ -60,7 +59,7 @@ def create_train_state(model: flax.linen.Module,
   """Initialises the model and the optimizer.
 
   Args:
-    model: the Flax module.
+    model: any Flax module (wrapped by ``models.prunable``).
     tx: params optimizer.
     rng: a ``jax.random.key``; split into init and training keys.
     image_shape: (H, W, C) of one input image.
@@ -77,56 +76,17 @@ def create_train_state(model: flax.linen.Module,
   # cores for ResNet-8), and the draws only need to be deterministic.
   init_key = jax.random.wrap_key_data(
       jax.random.bits(init_rng, (4,), jnp.uint32), impl="rbg")
+  model = models.prunable(model)
   variables = jax.jit(functools.partial(model.init, train=False))(
       init_key, jnp.zeros((1,) + tuple(image_shape)))
   params = variables["params"]
   return TrainState(
       step=jnp.zeros([], jnp.int32), params=params,
       batch_stats=variables.get("batch_stats", {}),
-      masks=variables.get(layers.MASKS, {}) if with_masks else {},
-      gates=variables.get(layers.GATES, {}) if with_gates else {},
+      masks=variables.get(models.MASKS, {}) if with_masks else {},
+      gates=variables.get(models.GATES, {}) if with_gates else {},
       opt_state=tx.init(params), rng=train_rng,
       extra={} if extra is None else extra)
-
-
-def apply_masks(params: Any, masks: Any) -> Any:
-  """``params ⊙ masks``, as the layers apply them in the forward pass.
-
-  A conv/dense ``kernel`` mask of shape (in, out) multiplies the kernel
-  (broadcast over the spatial axes of a conv kernel) and the layer's ``bias``
-  by whether its output unit keeps any input; a norm ``scale`` mask (C,)
-  multiplies ``scale`` and ``bias``. Parameters without a mask pass through.
-
-  Args:
-    params: the ``params`` collection.
-    masks: the ``masks`` collection (same module paths), possibly ``{}``.
-
-  Returns:
-    The masked params (a new pytree).
-  """
-  if not masks:
-    return params
-  flat = traverse_util.flatten_dict(params)
-  for path, mask in traverse_util.flatten_dict(masks).items():
-    module, leaf = path[:-1], path[-1]
-    if module + (leaf,) not in flat:
-      raise KeyError(f"mask {'/'.join(path)} has no parameter to mask")
-    p = flat[module + (leaf,)]
-    if leaf == "kernel":
-      m = mask.reshape((1,) * (p.ndim - 2) + mask.shape).astype(p.dtype)
-      flat[module + (leaf,)] = p * m
-      if module + ("bias",) in flat:
-        flat[module + ("bias",)] = flat[module + ("bias",)] * jnp.max(
-            mask, axis=0).astype(p.dtype)
-    elif leaf == "scale":
-      flat[module + (leaf,)] = p * mask.astype(p.dtype)
-      if module + ("bias",) in flat:
-        flat[module + ("bias",)] = flat[module + ("bias",)] * mask.astype(
-            p.dtype)
-    else:
-      raise KeyError(f"unexpected mask {'/'.join(path)}; masks are named "
-                     "'kernel' or 'scale'")
-  return traverse_util.unflatten_dict(flat)
 
 
 def count_params(params: Any) -> int:

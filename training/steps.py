@@ -19,8 +19,9 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+import models
 from training import mesh as mesh_lib
-from training.state import TrainState, apply_masks
+from training.state import TrainState
 
 StepFn = Callable[[TrainState, Mapping[str, jax.Array]],
                   tuple[TrainState, dict[str, jax.Array]]]
@@ -108,6 +109,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """
 
   soft = label_smoothing > 0 or (mix is not None and mix.prob > 0)
+  model = models.prunable(model)
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -135,13 +137,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                       else optax.softmax_cross_entropy(
                           logits.astype(jnp.float32), targets))
       extra = {k: updates[k] for k in extra_mutable}
-      return loss, (logits, updates["batch_stats"], extra)
+      # A model without BatchNorm (a transformer) has no statistics.
+      return loss, (logits, updates.get("batch_stats", state.batch_stats),
+                    extra)
 
     (loss, (logits, batch_stats, extra)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = apply_masks(optax.apply_updates(state.params, updates),
-                         state.masks)
+    params = models.apply_masks(optax.apply_updates(state.params, updates),
+                                state.masks)
     batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype),
                                batch_stats, state.batch_stats)
     metrics = {"loss": loss,
@@ -175,6 +179,8 @@ def make_eval_step(model: nn.Module, info: Any, mesh: jax.sharding.Mesh, *,
     ``eval_fn(state, batch) -> {'loss_sum', 'correct', 'count'}`` with
     ``batch`` = ``{'image', 'label', 'mask'}`` global arrays.
   """
+
+  model = models.prunable(model)
 
   def step(state: TrainState, batch):
     x = preprocess(None, batch["image"], info, dtype)
