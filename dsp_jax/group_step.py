@@ -20,6 +20,7 @@ from flax import linen as nn
 from dsp_jax import gates as gates_lib
 from dsp_jax import layer_info as li
 from dsp_jax import regularizer as reg
+from training import finite
 
 Array = jax.Array
 PyTree = Any
@@ -261,7 +262,7 @@ def make_group_step(
         opt_state=opt_state), gate_opt_state)
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(out, -1) == labels),
-               "lr": lr, "rho": rho}
+               "lr": lr, "rho": rho, finite.KEY: finite.all_finite(new_state)}
     return new_state, metrics
 
   if not jit:
