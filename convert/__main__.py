@@ -2,7 +2,12 @@
 
 import sys
 
-from convert.cli import main
+from training import errors
 
 if __name__ == "__main__":
+  try:
+    from convert.cli import main  # Imports torch and JAX: seconds.
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(errors.INTERRUPTED_STATUS)
   sys.exit(main())

@@ -246,7 +246,7 @@ def export_branched(model: Any, variables: Mapping[str, Any],
                      "layers": packed.layers}, indent=1)
   files[BRANCHES] = jax_side.atomic_write(
       pathlib.Path(out_dir) / BRANCHES,
-      lambda p: pathlib.Path(p).write_text(text))
+      lambda f: f.write(text.encode()))
   branches = {l["layer"]: len(l["branches"]) for l in packed.layers}
   return BranchedExport(files, diffs, branches, packed.summary)
 

@@ -400,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"max |logits(JAX) - logits(TorchScript)| = "
               f"{info['meta']['max_abs_diff']:.3g}")
     elif args.command == "export":
-      _run_export(args)
+      with errors.exit_on_interrupt():  # Its files are written atomically.
+        _run_export(args)
     else:
       print(inspect(args.src, args.model))
 

@@ -34,8 +34,9 @@ PACKED, PROGRAM, STATE_DICT, REFERENCE_IO = (
     "packed.pt", "packed.pt2", "dense_state_dict.pt", "reference_io.npz")
 
 
-class ConversionMismatch(RuntimeError):
-  """Converted model's logits differ from the source's beyond tolerance."""
+class ConversionMismatch(ValueError):
+  """Converted model's logits differ from the source's beyond tolerance (a
+  ValueError: reported as one line, like other unusable inputs)."""
 
 
 def random_images(n: int, image_size: int = 32, seed: int = 0) -> np.ndarray:
@@ -151,11 +152,11 @@ def export_packed(model: Any, variables: Mapping[str, Any],
   files = {}
   files[REFERENCE_IO] = jax_side.atomic_write(
       out_dir / REFERENCE_IO,
-      lambda p: np.savez(open(p, "wb"), images=images,
+      lambda f: np.savez(f, images=images,
                          images_nchw=images.transpose(0, 3, 1, 2),
                          logits=want))
   files[PACKED] = jax_side.atomic_write(
-      out_dir / PACKED, lambda p: torch.jit.save(traced, p))
+      out_dir / PACKED, lambda f: torch.jit.save(traced, f))
   diffs[PACKED] = check_logits(
       PACKED, torch_logits(torch.jit.load(files[PACKED]), images), want, atol)
   if program:
@@ -165,13 +166,13 @@ def export_packed(model: Any, variables: Mapping[str, Any],
         dsp_torch.build(plan, index_select=True), example,
         dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
     files[PROGRAM] = jax_side.atomic_write(
-        out_dir / PROGRAM, lambda p: torch.export.save(ep, p))
+        out_dir / PROGRAM, lambda f: torch.export.save(ep, f))
     loaded = torch.export.load(files[PROGRAM]).module()
     diffs[PROGRAM] = check_logits(PROGRAM, torch_logits(loaded, images), want,
                                   atol)
   sd = dense_state_dict(variables, num_batches_tracked)
   files[STATE_DICT] = jax_side.atomic_write(
-      out_dir / STATE_DICT, lambda p: torch.save(sd, p))
+      out_dir / STATE_DICT, lambda f: torch.save(sd, f))
   loaded_sd = torch.load(files[STATE_DICT], weights_only=True)
   diffs[STATE_DICT] = check_logits(
       STATE_DICT,

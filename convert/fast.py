@@ -477,8 +477,7 @@ class Plan:
   def save(self, path: str | os.PathLike) -> pathlib.Path:
     from convert import jax_side  # pylint: disable=import-outside-toplevel
     text = json.dumps(self.to_json(), indent=1)
-    return jax_side.atomic_write(path, lambda p: pathlib.Path(p).write_text(
-        text))
+    return jax_side.atomic_write(path, lambda f: f.write(text.encode()))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Plan":
@@ -1169,10 +1168,9 @@ def _regime_checks(images: np.ndarray, want: np.ndarray, plan: Plan
            np.concatenate([want] * reps)[:n])]
 
 
-def _save_program(ep: Any, path: str) -> None:
-  # Through a file object: torch.export warns on names not ending in .pt2.
+def _save_program(ep: Any, f: Any) -> None:
   # Its warning about tensor groups concerns non-CPU weights; ours are CPU.
-  with open(path, "wb") as f, warnings.catch_warnings():
+  with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "No complete tensor found")
     torch.export.save(ep, f)
 
@@ -1211,14 +1209,14 @@ def export_fast(spec: NetSpec, out_dir: str | os.PathLike,
   files = {FAST_PLAN: chosen.save(out_dir / FAST_PLAN)}
   ts = script(spec, chosen)
   files[FAST] = jax_side.atomic_write(out_dir / FAST,
-                                      lambda p: torch.jit.save(ts, p))
+                                      lambda f: torch.jit.save(ts, f))
   checks = _regime_checks(images, want, chosen)
   diffs = {FAST: max(dsp.check_logits(FAST, dsp.torch_logits(
       torch.jit.load(str(files[FAST])), x), w, atol) for x, w in checks)}
   if program:
     ep = export_program(spec, chosen)
     files[FAST_PROGRAM] = jax_side.atomic_write(
-        out_dir / FAST_PROGRAM, lambda p: _save_program(ep, p))
+        out_dir / FAST_PROGRAM, lambda f: _save_program(ep, f))
     loaded = torch.export.load(str(files[FAST_PROGRAM])).module()
     diffs[FAST_PROGRAM] = max(dsp.check_logits(
         FAST_PROGRAM, dsp.torch_logits(loaded, x), w, atol) for x, w in checks)

@@ -10,10 +10,10 @@ Also the import/export directory format that ``python -m convert`` and
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -22,6 +22,7 @@ import numpy as np
 
 import models
 from convert import packing, tables
+from training import integrity
 
 FAMILY = "cifar_resnet"
 
@@ -148,30 +149,26 @@ def variables_from_plan(plan: packing.PackedResNet
 
 # ------------------------------------------------------------------ files
 def atomic_write(path: str | os.PathLike, write: Any) -> pathlib.Path:
-  """Calls ``write(tmp_path)`` then renames tmp_path to ``path``.
+  """Calls ``write(buffer)`` on an in-memory binary file, then writes its
+  bytes to ``path`` atomically (``training.integrity.atomic_write``).
 
-  A reader never sees a half-written file; on error the temp file is removed.
+  A reader never sees a half-written file. The serialisers write to memory
+  and Python writes the file: torch's own file writers abort the process on
+  a full disk instead of raising.
 
   Args:
     path: final path.
-    write: function writing a file at the path it is given.
+    write: function writing into the binary file object it is given.
 
   Returns:
     The final path.
+
+  Raises:
+    OSError: the file could not be written (e.g. no space left).
   """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # Keep the extension: some writers (torch.export.save) check it.
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix,
-                             dir=path.parent)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  buffer = io.BytesIO()
+  write(buffer)
+  return integrity.atomic_write(path, buffer.getvalue())
 
 
 def save_variables(directory: str | os.PathLike, model_name: str,
@@ -182,13 +179,13 @@ def save_variables(directory: str | os.PathLike, model_name: str,
   directory = pathlib.Path(directory)
   flat = flatten(variables)
   atomic_write(directory / "variables.npz",
-               lambda p: np.savez(open(p, "wb"), **flat))
+               lambda f: np.savez(f, **flat))
   info = {"model": model_name, "num_classes": int(num_classes),
           "overrides": {k: list(v) if isinstance(v, tuple) else v
                         for k, v in overrides.items()},
           "meta": dict(meta or {})}
   atomic_write(directory / "model.json",
-               lambda p: pathlib.Path(p).write_text(json.dumps(info, indent=2)))
+               lambda f: f.write(json.dumps(info, indent=2).encode()))
   return directory
 
 
@@ -306,8 +303,13 @@ def load_stage_checkpoint(stage_dir: str | os.PathLike, which: str = "best"
   Returns:
     ``(model_name, num_classes, overrides, variables)``; overrides hold
     ``groups`` when the state has gates.
+
+  Raises:
+    FileNotFoundError: not a stage directory, or no such checkpoint.
+    ValueError: the checkpoint's files differ from its manifest.
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   if which not in ("best", "latest"):
     raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
   stage_dir = pathlib.Path(stage_dir).absolute()
@@ -323,6 +325,11 @@ def load_stage_checkpoint(stage_dir: str | os.PathLike, which: str = "best"
   step = mgr.latest_step()
   if step is None:
     raise FileNotFoundError(f"no {which} checkpoint under {stage_dir}")
+  # Its files against its manifest: a damaged checkpoint is never used.
+  problem = ckpt_lib.damage(pathlib.Path(mgr.directory) / str(step))
+  if problem is not None:
+    raise ValueError(f"checkpoint {mgr.directory}/{step} is damaged "
+                     f"({problem}); it cannot be used")
   out = mgr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore()))
   state = out.state

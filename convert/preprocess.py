@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from training import integrity
+
 FILE = "preprocess.json"
 FORMULA = "x = (pixels / 255 - mean) / std"
 
@@ -83,12 +85,8 @@ def write(out_dir: str | os.PathLike, info: Any,
              else from_info(info, raw_input_files))
   if raw_input_files:
     content["raw_input_files"] = sorted(raw_input_files)
-  path = pathlib.Path(out_dir) / FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(content, indent=1) + "\n")
-  os.replace(tmp, path)
-  return path
+  return integrity.atomic_write(pathlib.Path(out_dir) / FILE,
+                                json.dumps(content, indent=1) + "\n")
 
 
 def read(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -143,14 +141,12 @@ def embed_normalisation(path: str | os.PathLike,
     def forward(self, x: torch.Tensor) -> torch.Tensor:
       return self.model((x / 255.0 - self.mean) / self.std)
 
+  from convert import jax_side  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(path)
   model = torch.jit.load(str(path), map_location="cpu")
   wrapped = torch.jit.script(Normalised(model, content["mean"],
                                         content["std"]))
-  tmp = path.with_suffix(".tmp")
-  torch.jit.save(wrapped, str(tmp))
-  os.replace(tmp, path)
-  return path
+  return jax_side.atomic_write(path, lambda f: torch.jit.save(wrapped, f))
 
 
 # Files that keep the authors' input format whatever is asked.

@@ -184,7 +184,7 @@ def save(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
          accuracy: float) -> pathlib.Path:
   """Writes ``[state_dict, accuracy]`` atomically, as the reference does."""
   return jax_side.atomic_write(
-      path, lambda p: torch.save([dict(state_dict), float(accuracy)], p))
+      path, lambda f: torch.save([dict(state_dict), float(accuracy)], f))
 
 
 def read_state_dict(path: str | os.PathLike

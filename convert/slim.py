@@ -377,13 +377,6 @@ def _slim_transformer(model: Any, variables: Mapping[str, Any],
 
 
 # ------------------------------------------------------------------ export
-def _save_program(ep: Any, path: str) -> None:
-  # Through a file object: torch.export warns on names not ending in .pt2,
-  # and the atomic temp name does not.
-  with open(path, "wb") as f:
-    torch.export.save(ep, f)
-
-
 def _example(module: nn.Module, batch: int, image_size: int) -> torch.Tensor:
   dtype = next(module.parameters()).dtype
   return torch.zeros(batch, 3, image_size, image_size, dtype=dtype)
@@ -479,14 +472,14 @@ def write_module(module: nn.Module, model: Any, variables: Mapping[str, Any],
       "converted module", dsp.torch_logits(module, images), want, atol)}
   files = {REFERENCE_IO: jax_side.atomic_write(
       out_dir / REFERENCE_IO,
-      lambda p: np.savez(open(p, "wb"), images=images,
+      lambda f: np.savez(f, images=images,
                          images_nchw=images.transpose(0, 3, 1, 2),
                          logits=want))}
   with torch.no_grad():
     traced = torch.jit.trace(module, _example(module, 1, image_size),
                              check_trace=False)
   files[torchscript] = jax_side.atomic_write(
-      out_dir / torchscript, lambda p: torch.jit.save(traced, p))
+      out_dir / torchscript, lambda f: torch.jit.save(traced, f))
   diffs[torchscript] = dsp.check_logits(torchscript, dsp.torch_logits(
       torch.jit.load(str(files[torchscript])), images), want, atol)
   if program:
@@ -495,13 +488,13 @@ def write_module(module: nn.Module, model: Any, variables: Mapping[str, Any],
         module, (_example(module, 2, image_size),),
         dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
     files[program_name] = jax_side.atomic_write(
-        out_dir / program_name, lambda p: _save_program(ep, p))
+        out_dir / program_name, lambda f: torch.export.save(ep, f))
     diffs[program_name] = dsp.check_logits(program_name, dsp.torch_logits(
         torch.export.load(str(files[program_name])).module(), images), want,
                                            atol)
   state = {k: t.detach().clone() for k, t in module.state_dict().items()}
   files[state_dict] = jax_side.atomic_write(
-      out_dir / state_dict, lambda p: torch.save(state, p))
+      out_dir / state_dict, lambda f: torch.save(state, f))
   fresh = copy.deepcopy(module)
   with torch.no_grad():
     for t in list(fresh.parameters()) + list(fresh.buffers()):

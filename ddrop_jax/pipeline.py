@@ -145,6 +145,7 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
   return execute(config, workdir)[0]
 
 
+@pipeline.holds_workdir
 def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
             ) -> tuple[dict[str, Any], TrainState]:
   """:func:`run`, also returning the final state.

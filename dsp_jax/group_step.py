@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+import models
 from dsp_jax import gates as gates_lib
 from dsp_jax import kernels as kernels_lib
 from dsp_jax import regularizer as reg
-import models
+from training import finite
 
 Array = jax.Array
 PyTree = Any
@@ -264,7 +265,7 @@ def make_group_step(
         opt_state=opt_state), gate_opt_state)
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(out, -1) == labels),
-               "lr": lr, "rho": rho}
+               "lr": lr, "rho": rho, finite.KEY: finite.all_finite(new_state)}
     return new_state, metrics
 
   if not jit:

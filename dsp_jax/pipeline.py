@@ -507,6 +507,7 @@ def summary(report: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+@pipeline.holds_workdir
 def run(config: Mapping[str, Any], workdir: str | pathlib.Path
         ) -> dict[str, Any]:
   """Runs the selected DSP stages.
@@ -541,8 +542,7 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
     model = pipeline.build_model(
         config, env.info.num_classes,
         groups=groups if variables.get("gates") else None)
-    env.report.merge(pipeline.model_figures(model, variables,
-                                            env.info.image_size))
+    pipeline.merge_model_figures(env, model, variables)
   env.report.merge({"groups": groups})
   pipeline.add_plots(env)
   env.report.save()

@@ -23,6 +23,7 @@ from dsp_jax import pipeline as dsp_pipeline
 from dsp_jax import pruning as pr
 from dsp_jax import regularizer as reg
 from models import layers, resnet, vgg
+from training import finite
 
 SIZE = 16
 FAMILIES = ("bottleneck", "basic", "vgg")
@@ -111,6 +112,7 @@ def test_group_step_runs_and_reduces_the_group_regulariser(family):
   for _ in range(3):
     state, metrics = step(state, batch)
   assert np.isfinite(float(metrics["loss"]))
+  assert float(metrics[finite.KEY]) == 1.0  # The state is checked finite.
   after = _regulariser(state.params, state.gates, info)
   assert after < 0.9 * before
   # Only the logits move in the gates collection; every layer has them.

@@ -214,18 +214,24 @@ def test_run_stage_resumes_and_skips_finished_stage(tmp_path):
     _toy_stage(tmp_path / "b", 12)
 
 
-def test_corrupted_checkpoint_is_refused_and_left_alone(tmp_path):
+def test_corrupted_checkpoint_is_set_aside_and_the_run_falls_back(tmp_path):
   _toy_stage(tmp_path, 10, max_steps=4, checkpoint_every_steps=2)
   state_dir = tmp_path / "toy" / "steps" / "4" / "state"
   files = [p for p in state_dir.rglob("*") if p.is_file()]
   assert files
   for p in files:
     p.write_bytes(b"garbage")
-  listing = sorted(str(p) for p in (tmp_path / "toy").rglob("*"))
-  with pytest.raises(ckpt_lib.CheckpointError, match="cannot be restored"):
-    _toy_stage(tmp_path, 10, checkpoint_every_steps=2)
-  assert sorted(str(p) for p in (tmp_path / "toy").rglob("*")) == listing
-  assert all(p.read_bytes() == b"garbage" for p in files)
+  resumed, _ = _toy_stage(tmp_path, 10, checkpoint_every_steps=2)
+  full, _ = _toy_stage(tmp_path / "full", 10, checkpoint_every_steps=2)
+  np.testing.assert_array_equal(resumed.state.params["w"],
+                                full.state.params["w"])
+  # Moved aside untouched, never deleted.
+  aside = tmp_path / "toy" / "damaged" / "steps-4" / "state"
+  assert sorted(p.relative_to(aside) for p in aside.rglob("*")
+                if p.is_file()) == sorted(
+      p.relative_to(state_dir) for p in files)
+  assert all(p.read_bytes() == b"garbage" for p in aside.rglob("*")
+             if p.is_file())
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):

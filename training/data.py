@@ -60,6 +60,8 @@ import dataclasses
 import io
 import math
 import os
+import pathlib
+import shutil
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
@@ -256,11 +258,21 @@ def prepare(name: str, data_dir: str | None = None, *,
   # downloaded here, so say what happens instead.
   print(f"preparing {name} once in {builder.data_dir} (from local files; "
         "nothing is downloaded)", flush=True)
+  root = pathlib.Path(os.path.expanduser(data_dir or default_data_dir()))
+  created = [p for p in (root / builder.name, root / "downloads")
+             if not p.exists()]
   tfds.disable_progress_bar()  # Its nested bars garble logs.
   try:
     with contextlib.redirect_stdout(io.StringIO()):
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except BaseException:
+    # Nothing half-prepared stays behind: the next attempt starts clean.
+    for p in created:
+      shutil.rmtree(p, ignore_errors=True)
+    for p in pathlib.Path(builder.data_dir).parent.glob("*incomplete*"):
+      shutil.rmtree(p, ignore_errors=True)
+    raise
   finally:
     tfds.enable_progress_bar()
 

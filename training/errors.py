@@ -5,8 +5,9 @@ Every user-facing entry point (``run.py``, ``python -m ddrop_jax``,
 file, unreadable data, a wrong file kind or an invalid value ends the
 program with ``error: <message>`` on stderr and a non-zero exit status, and
 an output directory the failed command created is removed again. Anything
-else (a bug) keeps its traceback. Importing this module imports nothing
-heavy, so it can wrap the imports of JAX itself.
+else (a bug) keeps its traceback. Ctrl-C prints ``interrupted`` and exits
+with status 130. Importing this module imports nothing heavy, so it can wrap
+the imports of JAX itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import contextlib
 import os
 import pathlib
 import shutil
+import signal
 import sys
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 # Exceptions that mean "the input is wrong", not "the code is wrong".
@@ -23,6 +26,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     OSError, ValueError, KeyError, ImportError, EOFError)
 # Exit status of a user error (argparse uses 2 for usage errors).
 EXIT_STATUS = 1
+# Exit status after Ctrl-C (128 + SIGINT), as a shell reports it.
+INTERRUPTED_STATUS = 130
 
 
 def message(error: BaseException) -> str:
@@ -71,7 +76,9 @@ def reported(outputs: Sequence[str | os.PathLike] = (),
     Nothing.
 
   Raises:
-    SystemExit: with ``status`` after printing the message.
+    SystemExit: with ``status`` after printing the message. Ctrl-C
+      (KeyboardInterrupt) prints ``interrupted`` and ends the process with
+      status 130 once the block has unwound.
   """
   paths = [pathlib.Path(p).expanduser() for p in outputs if p]
   existed = [p.exists() for p in paths]
@@ -83,8 +90,51 @@ def reported(outputs: Sequence[str | os.PathLike] = (),
     print(f"error: {message(e)}", file=sys.stderr, flush=True)
     raise SystemExit(status) from None
   except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr, flush=True)
-    raise SystemExit(130) from None
+    # The work has unwound (checkpoints closed, locks released); the
+    # interpreter's own shutdown is skipped: native threads still compiling
+    # or writing can crash it (SIGSEGV) after a Ctrl-C.
+    _exit_interrupted()
+
+
+def _exit_interrupted() -> None:
+  """Prints ``interrupted`` and ends the process with status 130 at once."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError, RuntimeError):
+      pass
+  os.write(2, b"interrupted\n")
+  os._exit(INTERRUPTED_STATUS)  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def exit_on_interrupt() -> Iterator[None]:
+  """Ctrl-C (SIGINT) inside the block ends the process at once.
+
+  For work that only writes files atomically (exports): a KeyboardInterrupt
+  unwinding through torch's tracing and serialisers leaves native state that
+  crashes the interpreter's shutdown (SIGSEGV), and one raised inside a
+  garbage-collector callback is swallowed. Here SIGINT prints
+  ``interrupted`` and exits with status 130 without unwinding; the files
+  written so far are complete, and what was being written is a temporary
+  file.
+
+  Yields:
+    Nothing. Outside the main thread the block runs unchanged.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def stop(signum: int, frame: Any) -> None:
+    del signum, frame
+    _exit_interrupted()
+
+  previous = signal.signal(signal.SIGINT, stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def call(fn: Callable[[], Any], outputs: Sequence[str | os.PathLike] = (),

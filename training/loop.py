@@ -11,7 +11,11 @@ step function. The contract of ``step_fn``::
   sharded on the mesh's ``data`` axis (B = global batch size).
 * it must return the new state with ``step`` incremented by exactly one, and
   a dict of scalar metrics containing ``loss`` (checked for NaN/Inf every
-  step); other scalars (``accuracy``, ``lr``, ...) are averaged and logged.
+  step) and, as the engine's steps do, ``training.finite.KEY`` (whether the
+  new state is finite; a step without it has its state checked before every
+  save instead); other scalars (``accuracy``, ``lr``, ...) are averaged and
+  logged. A state that is not finite is never saved, selected as best or
+  returned: the stage stops with ``TrainingDiverged``.
 * it must be a pure function of (state, batch): the loop's bit-identical
   resume relies on it (derive randomness from ``fold_in(state.rng,
   state.step)``).
@@ -35,15 +39,17 @@ import numpy as np
 
 from training import checkpoint as ckpt_lib
 from training import config as config_lib
+from training import finite
 from training import mesh as mesh_lib
 from training import progress as progress_lib
+from training import workdir as workdir_lib
 from training.report import MetricsWriter
 
 EvalFn = Callable[[Any], dict[str, dict[str, float]]]
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN or Inf."""
+  """The loss or the train state became NaN or Inf."""
 
 
 @dataclasses.dataclass
@@ -76,6 +82,27 @@ class StageResult:
 
 def _mean_metrics(sums: dict[str, float], n: int) -> dict[str, float]:
   return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _diverged(name: str, done: int, loss: float | None, state: Any,
+              ckpt: ckpt_lib.StageCheckpointer) -> TrainingDiverged:
+  """The error of a stage whose loss or state is no longer finite: the step,
+  the first bad leaf and the newest checkpoint (every saved one is finite)."""
+  bad = finite.first_non_finite(state)
+  loss_text = "" if loss is None else f"; loss {loss:.6g}"
+  what = (f"the state is not finite (first: {bad}{loss_text})" if bad
+          else f"the loss is {loss}")
+  try:
+    ckpt.wait()  # The newest checkpoint may still be on its way to disk.
+  except ckpt_lib.CheckpointError:
+    pass
+  last = ckpt.latest_step()
+  kept = (f"the last checkpoint (step {last}) is finite and kept in "
+          f"{ckpt.directory}" if last is not None else
+          "no checkpoint was saved before it")
+  return TrainingDiverged(
+      f"stage {name!r}: {what} at step {done}, which is not saved; "
+      f"{kept}; lower the learning rate (or check the data) and restart")
 
 
 def _selection(evals: Mapping[str, Any], select_on: str) -> float:
@@ -122,8 +149,11 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
     The ``StageResult``.
 
   Raises:
-    TrainingDiverged: NaN/Inf loss (the last good checkpoint is kept).
-    CheckpointError: the stage directory holds another run's checkpoints.
+    TrainingDiverged: NaN/Inf loss or state (the last checkpoint, finite, is
+      kept).
+    CheckpointError: the stage directory holds another run's checkpoints, a
+      save failed (e.g. a full disk), or the stage would train although
+      later stages of the method already hold results computed from it.
   """
   workdir = pathlib.Path(workdir)
   own_writer = writer is None
@@ -138,21 +168,44 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
   progress: dict[str, Any] = {"first_step": int(state.step), "seconds": 0.0,
                               "best": None, "best_acc": None,
                               "best_step": None, "final": None}
-  restored = ckpt.restore_latest(state)
+  try:
+    restored = ckpt.restore_latest(state)
+  except BaseException:
+    ckpt.abandon()
+    raise
   if restored is not None:
     state, saved = restored
     progress.update(saved)
     if saved.get("data") is not None:
       iterator.set_state(saved["data"].encode())
     writer.truncate(name, int(state.step) - progress["first_step"])
+  if ckpt.best_lost:  # Its best checkpoint was damaged: select one again.
+    progress.update(best=None, best_acc=None, best_step=None, final=None)
   first = progress["first_step"]
   done = int(state.step) - first
   end = num_steps if not config["max_steps"] else min(num_steps,
                                                       config["max_steps"])
+  later = workdir_lib.later_results(
+      workdir, config_lib.STAGES.get(config["method"], ()), name)
+  if done < end and later:
+    ckpt.abandon()
+    raise ckpt_lib.CheckpointError(
+        f"stage {name!r} would train (from step {done} to {end}), but "
+        f"{workdir} already holds the later stage(s) {', '.join(later)}, "
+        "computed from its current result; move them away (or use another "
+        "workdir) to re-run it")
   if restored is not None and jax.process_index() == 0:
     print(progress_lib.status_message(name, done, end, ckpt.directory),
           flush=True)
   select_on = config["select_on"]
+  # Steps that do not report whether their state is finite have it checked
+  # before every save (a second, small jitted computation).
+  check_state = jax.jit(finite.all_finite)
+  state_reported = True
+
+  def guard_save():
+    if not state_reported and not float(check_state(state)):
+      raise _diverged(name, done, None, state, ckpt)
 
   def snapshot() -> dict[str, Any]:
     data_state = (iterator.get_state() if hasattr(iterator, "get_state")
@@ -168,6 +221,7 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
       writer.write(name, step, split, metrics)
     acc = _selection(evals, select_on)
     if progress["best_acc"] is None or acc > progress["best_acc"]:
+      guard_save()
       progress.update(best=evals, best_acc=acc, best_step=step)
       ckpt.save_best(first + step, state, snapshot())
     return evals
@@ -187,11 +241,11 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
       # of dispatched collectives (which can deadlock on few CPU cores) and
       # checks for divergence before anything is saved.
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not math.isfinite(metrics["loss"]):
-        last = ckpt.latest_step()
-        raise TrainingDiverged(
-            f"stage {name!r}: loss is {metrics['loss']} at step {done}; the "
-            f"last good checkpoint (step {last}) is kept in {ckpt.directory}")
+      state_reported = finite.KEY in metrics
+      state_ok = metrics.pop(finite.KEY, 1.0) > 0
+      if not (math.isfinite(metrics["loss"]) and state_ok):
+        raise _diverged(name, done, metrics["loss"], state, ckpt)
+      ckpt.poll()  # A failed background save stops the run here.
       for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + v
       n_logged += 1
@@ -212,12 +266,17 @@ def run_stage(name: str, state: Any, step_fn: Callable[..., Any], *,
       if done % steps_per_epoch == 0:
         bar.epoch_end()
       if done % config["checkpoint_every_steps"] == 0 or done == end:
+        guard_save()
         ckpt.save(first + done, state, snapshot())
     if eval_fn is not None and progress["final"] is None:
       do_eval(done)  # A resumed, finished stage without an evaluation.
+  except BaseException:
+    ckpt.abandon()  # The error being raised wins over a save it broke.
+    raise
+  else:
+    ckpt.close()  # Every save is on disk before the stage reports success.
   finally:
     bar.close()
-    ckpt.close()
     if own_writer:
       writer.close()
   return StageResult(state=state, steps=done, seconds=progress["seconds"],

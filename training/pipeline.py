@@ -18,9 +18,10 @@ A method pipeline (``dsp_jax.pipeline``, ``ddrop_jax.pipeline``) typically::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,34 @@ from training import mesh as mesh_lib
 from training import optim
 from training import state as state_lib
 from training import steps
+from training import workdir as workdir_lib
 from training.report import Report
+
+
+def holds_workdir(run_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Makes a pipeline's ``run(config, workdir, ...)`` hold its workdir.
+
+  One run per workdir: process 0 locks it (``training.workdir.hold``) for
+  the whole run, so a second run stops at once with one line naming the
+  first one's pid, and the libraries' messages go to ``WORKDIR/log.txt``.
+
+  Args:
+    run_fn: the pipeline's entry point.
+
+  Returns:
+    The wrapped entry point.
+  """
+
+  @functools.wraps(run_fn)
+  def run_holding(config: Mapping[str, Any], workdir: str | pathlib.Path,
+                  *args: Any, **kwargs: Any) -> Any:
+    config_lib.validate(config)
+    # Joined first: only process 0 of a job takes the lock.
+    mesh_lib.initialize_distributed(config)
+    with workdir_lib.hold(workdir, jax.process_index()):
+      return run_fn(config, workdir, *args, **kwargs)
+
+  return run_holding
 
 
 @dataclasses.dataclass
@@ -49,6 +77,7 @@ class Env:
     workdir: the run directory.
     report: the run report (saved by ``finish``).
     dtype: compute dtype.
+    config: the run config.
   """
 
   mesh: jax.sharding.Mesh
@@ -58,6 +87,7 @@ class Env:
   workdir: pathlib.Path
   report: Report
   dtype: Any
+  config: Mapping[str, Any] | None = None
 
 
 def setup(config: Mapping[str, Any], workdir: str | pathlib.Path) -> Env:
@@ -86,10 +116,10 @@ def setup(config: Mapping[str, Any], workdir: str | pathlib.Path) -> Env:
                      f"training split ({info.splits['train']} examples)")
   workdir = pathlib.Path(workdir)
   report = Report(workdir, method=config["method"], model=config["model"],
-                  dataset=config["dataset"], workdir=str(workdir),
+                  dataset=config["dataset"],
                   config=config_lib.to_dict(config))
   dtype = jnp.dtype(config["dtype"])
-  return Env(mesh, info, data_dir, spe, workdir, report, dtype)
+  return Env(mesh, info, data_dir, spe, workdir, report, dtype, config)
 
 
 def validation_split(config: Mapping[str, Any]) -> str | None:
@@ -272,6 +302,28 @@ def model_figures(model: Any, variables: Mapping[str, Any],
   return out
 
 
+def merge_model_figures(env: Env, model: Any,
+                        variables: Mapping[str, Any]) -> None:
+  """Adds the whole-model figures of the run's final ``variables``.
+
+  Left out when stages after the last selected one already hold results in
+  the workdir (an earlier stage re-run alone): the report keeps describing
+  the model those stages produced, not a mix of both.
+
+  Args:
+    env: the run environment.
+    model: the Flax module.
+    variables: the variables the selected stages ended with.
+  """
+  if env.config is not None:
+    selected = config_lib.selected_stages(env.config)
+    order = config_lib.STAGES.get(env.config["method"], ())
+    if selected and workdir_lib.later_results(env.workdir, order,
+                                              selected[-1]):
+      return
+  env.report.merge(model_figures(model, variables, env.info.image_size))
+
+
 def finish(env: Env, model: Any, state: Any, summarize: Any = None,
            shown: Sequence[str] = ()) -> dict[str, Any]:
   """Adds model figures and plots, saves report.json, prints the summary.
@@ -286,8 +338,7 @@ def finish(env: Env, model: Any, state: Any, summarize: Any = None,
   Returns:
     The report dict.
   """
-  env.report.merge(model_figures(model, state.variables(),
-                                 env.info.image_size))
+  merge_model_figures(env, model, state.variables())
   add_plots(env)
   env.report.save()
   if jax.process_index() == 0:
@@ -313,6 +364,7 @@ def add_plots(env: Env) -> None:
   env.report.merge({"plots": plot.plot_run(env.workdir)})
 
 
+@holds_workdir
 def run(config: Mapping[str, Any], workdir: str | pathlib.Path
         ) -> dict[str, Any]:
   """Plain supervised training (``method='train'``, stage 'train').
@@ -370,7 +422,7 @@ def export_stage(config: Mapping[str, Any], env: Env,
   from convert import stamp  # Imported here: exports need torch.
   force = config["stages"] != "all" and "pack" in config_lib.selected_stages(
       config)
-  out = env.workdir / "export"
+  out = env.workdir / workdir_lib.EXPORT_DIR
   entry, skipped = stamp.export_once(
       out, variables, env.info, export_fn, force=force,
       model=config["model"], image_size=env.info.image_size)

@@ -10,6 +10,8 @@
 model, and whatever a method pipeline adds with ``report.merge({...})``
 (a recursive dict merge: nested dicts merge, other values replace), e.g.
 ``report.merge({"pruning": {"p_flops": 63.6, "p_params": 49.0}})``.
+Paths in ``report.json`` (exported files, plots) are relative to the
+workdir, so that a copied or moved workdir stays self-consistent.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
+from training import integrity
 from training import progress as progress_lib
 
 
@@ -36,6 +39,37 @@ def _scalar(v: Any) -> Any:
   if isinstance(v, (tuple, set)):
     return list(v)
   return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+
+
+def relative_paths(value: Any, root: str | os.PathLike) -> Any:
+  """``value`` with every string naming an existing file or directory inside
+  ``root`` written relative to ``root`` (POSIX separators).
+
+  Args:
+    value: a JSON-like value (dicts and lists are walked).
+    root: the directory paths are made relative to.
+
+  Returns:
+    The rewritten value (strings outside ``root``, or naming nothing that
+    exists, are kept as they are).
+  """
+  base = pathlib.Path(root).resolve()
+
+  def fix(v: Any) -> Any:
+    if isinstance(v, Mapping):
+      return {k: fix(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return [fix(x) for x in v]
+    if isinstance(v, str) and "/" in v:
+      try:
+        path = pathlib.Path(v).resolve()
+        if path.exists():
+          return path.relative_to(base).as_posix()
+      except (OSError, ValueError):  # Outside root, or not a path.
+        pass
+    return v
+
+  return fix(value)
 
 
 class MetricsWriter:
@@ -64,9 +98,7 @@ class MetricsWriter:
         continue
       if not (rec.get("stage") == stage and rec.get("step", 0) > after_step):
         kept.append(line)
-    tmp = self.path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, self.path)
+    integrity.atomic_write(self.path, "".join(line + "\n" for line in kept))
 
   def write(self, stage: str, step: int, split: str,
             metrics: Mapping[str, Any]) -> None:
@@ -83,8 +115,11 @@ class MetricsWriter:
     rec = {"stage": stage, "step": int(step), "split": split,
            "time": round(time.time(), 3)}
     rec.update({k: _scalar(v) for k, v in metrics.items()})
-    with self.path.open("a") as f:
-      f.write(json.dumps(rec) + "\n")
+    try:
+      with self.path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    except OSError as e:  # A full disk: say which file (write() does not).
+      raise OSError(e.errno, e.strerror, str(self.path)) from None
 
   def close(self) -> None:
     """Nothing to release (every record is appended and closed at once)."""
@@ -176,6 +211,8 @@ class Report:
         self.data = _merge(self.data, json.loads(self.path.read_text()))
       except ValueError:
         pass
+    # Written by earlier versions; the report's own directory is the workdir.
+    self.data.pop("workdir", None)
     self.merge(fields)
 
   def merge(self, extra: Mapping[str, Any]) -> None:
@@ -188,13 +225,14 @@ class Report:
     self.merge({"stages": {name: dict(result)}})
 
   def save(self) -> None:
-    """Writes report.json atomically (process 0 only)."""
+    """Writes report.json atomically (process 0 only), paths relative to
+    the workdir (the config keeps the values it was given)."""
     if jax.process_index() != 0:
       return
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = self.path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(self.data, indent=1, default=_scalar))
-    os.replace(tmp, self.path)
+    self.data = {k: v if k == "config" else relative_paths(v, self.path.parent)
+                 for k, v in self.data.items()}
+    integrity.atomic_write(self.path,
+                           json.dumps(self.data, indent=1, default=_scalar))
 
   def summary(self, method_lines: Sequence[str] = (),
               shown: Sequence[str] = ()) -> str:
@@ -212,7 +250,7 @@ class Report:
       The text.
     """
     d = self.data
-    workdir = d.get("workdir", self.path.parent)
+    workdir = self.path.parent
     lines = wrap(f"{d.get('method', '?')} | {d.get('model', '?')} on "
                  f"{d.get('dataset', '?')} | {workdir}")
     stages = d.get("stages", {})
@@ -267,7 +305,8 @@ class Report:
     export = d.get("export") or {}
     files = export.get("files") or {}
     if files:
-      paths = [pathlib.Path(p) for p in files.values()]
+      # Relative paths are relative to the workdir (report.json's folder).
+      paths = [self.path.parent / p for p in files.values()]
       parent = paths[0].parent
       names = (" ".join(p.name for p in paths)
                if all(p.parent == parent for p in paths)

@@ -20,6 +20,7 @@ import optax
 from flax import linen as nn
 
 import models
+from training import finite
 from training import mesh as mesh_lib
 from training.state import TrainState
 
@@ -104,7 +105,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   Returns:
     ``step_fn(state, batch) -> (state, metrics)`` with ``batch`` =
     ``{'image': uint8 [B,H,W,C], 'label': int32 [B]}`` global arrays and
-    metrics ``loss``, ``accuracy`` (batch means) and ``lr``. The state
+    metrics ``loss``, ``accuracy`` (batch means), ``lr`` and
+    ``training.finite.KEY`` (whether the new state is finite). The state
     argument is donated.
   """
 
@@ -156,6 +158,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                               batch_stats=batch_stats, opt_state=opt_state,
                               extra={**state.extra, **extra} if extra
                               else state.extra)
+    metrics[finite.KEY] = finite.all_finite(new_state)
     return new_state, metrics
 
   rep = mesh_lib.replicated(mesh)

@@ -13,7 +13,11 @@ extracted, in one of the folders the builder is given (``archive_dirs``;
 
 The python version holds pickled dicts (``data``: uint8 [n, 3072] as three
 1024-byte colour planes R, G, B, each row-major 32x32; ``labels`` for CIFAR-10,
-``fine_labels``/``coarse_labels`` for CIFAR-100). The binary version holds
+``fine_labels``/``coarse_labels`` for CIFAR-100). They are read by a
+restricted unpickler that builds only what such a batch holds (dicts, lists,
+strings, numbers and integer numpy arrays): a pickle naming any other
+callable (code it would run) is refused with an error naming the file, and
+nothing in it is executed. The binary version holds
 fixed-size records: one label byte (CIFAR-10) or coarse then fine label bytes
 (CIFAR-100), then the same 3072 image bytes. Both versions hold the same
 examples in the same order; ``index`` stores each example's position in that
@@ -26,11 +30,12 @@ labels as ``label`` and keeps ``coarse_label``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pathlib
 import pickle
 import tarfile
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -108,11 +113,12 @@ def missing_archive_message(name: str,
 
 
 def _read_members(layout: _Layout, path: pathlib.Path,
-                  split: str) -> list[bytes]:
-  """Raw bytes of the split's member files, in the layout's order."""
+                  split: str) -> list[tuple[str, bytes]]:
+  """``(name, raw bytes)`` of the split's member files, in the layout's
+  order; the name says where the bytes come from (for errors)."""
   wanted = layout.files[split]
   if path.is_dir():
-    return [(path / f).read_bytes() for f in wanted]
+    return [(str(path / f), (path / f).read_bytes()) for f in wanted]
   found = {}
   # One sequential pass: seeking backwards in a gzip stream restarts it.
   with tarfile.open(path, "r:*") as tar:
@@ -126,12 +132,88 @@ def _read_members(layout: _Layout, path: pathlib.Path,
     raise FileNotFoundError(
         f"{path} lacks {[layout.folder + '/' + f for f in missing]}; is it "
         f"the official {layout.version} archive?")
-  return [found[f] for f in wanted]
+  return [(f"{path}:{layout.folder}/{f}", found[f]) for f in wanted]
 
 
 def _get(d: dict, key: str):
   # The official pickles were written by Python 2: keys load as bytes.
   return d[key.encode()] if key.encode() in d else d[key]
+
+
+def _integer_dtype(*args: Any) -> np.dtype:
+  """``numpy.dtype`` for the unpickler: integer dtypes only (an object
+  array would hold arbitrary Python objects)."""
+  dtype = np.dtype(*args)
+  if dtype.kind not in "ui":
+    raise pickle.UnpicklingError(f"an array of dtype {dtype} (a CIFAR batch "
+                                 "holds integer arrays only)")
+  return dtype
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+  """``_codecs.encode`` as Python 3 pickles ``bytes`` at protocol 2."""
+  # Compared as text: a codec lookup would import modules by name.
+  if encoding.lower().replace("-", "").replace("_", "") not in ("latin1",
+                                                                "iso88591"):
+    raise pickle.UnpicklingError(f"an encoding other than latin1 "
+                                 f"({encoding!r})")
+  return text.encode("latin1")
+
+
+def _numpy_globals() -> dict[tuple[str, str], Callable[..., Any]]:
+  """What numpy's pickles of integer arrays and scalars need, under the
+  module names of numpy 1.x (``numpy.core``) and 2.x (``numpy._core``); the
+  functions themselves come from numpy's own reductions of such objects."""
+  reconstruct = np.zeros(1, np.uint8).__reduce__()[0]
+  scalar = np.int64(0).__reduce__()[0]
+  frombuffer = np.zeros(1, np.uint8).__reduce_ex__(5)[0]
+  out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _integer_dtype,
+         ("_codecs", "encode"): _latin1}
+  for core in ("numpy.core", "numpy._core"):
+    out[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+    out[(f"{core}.multiarray", "scalar")] = scalar
+    out[(f"{core}.numeric", "_frombuffer")] = frombuffer
+  return out
+
+
+class _BatchUnpickler(pickle.Unpickler):
+  """Unpickles a CIFAR batch and nothing else: only the callables of
+  ``_numpy_globals`` can be named, so a payload cannot run code."""
+
+  ALLOWED = _numpy_globals()
+
+  def find_class(self, module: str, name: str) -> Any:
+    try:
+      return self.ALLOWED[(module, name)]
+    except KeyError:
+      raise pickle.UnpicklingError(
+          f"it refers to {module}.{name}, which a CIFAR batch never "
+          "holds") from None
+
+
+def load_batch(raw: bytes, where: str) -> dict:
+  """A CIFAR python batch from its pickle bytes, without running any code.
+
+  Args:
+    raw: the pickle.
+    where: the file it came from (named in errors).
+
+  Returns:
+    The batch dict (keys as bytes, as the official Python-2 pickles have).
+
+  Raises:
+    ValueError: not a CIFAR batch (the file and the reason named).
+  """
+  try:
+    d = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+  except Exception as e:  # Unpickling fails in many ways; all mean "not a batch".
+    raise ValueError(f"{where} is not an official CIFAR python batch "
+                     f"({e or type(e).__name__}); nothing in it was "
+                     "run") from None
+  if not isinstance(d, dict):
+    raise ValueError(f"{where} is not an official CIFAR python batch (it "
+                     f"holds a {type(d).__name__}, not a dict)")
+  return d
 
 
 def read_cifar(name: str, split: str, layout: _Layout, path: pathlib.Path
@@ -149,21 +231,28 @@ def read_cifar(name: str, split: str, layout: _Layout, path: pathlib.Path
     ``"coarse_label"`` for CIFAR-100; ``label`` is the fine label.
   """
   images, labels, coarse = [], [], []
-  for raw in _read_members(layout, path, split):
+  for where, raw in _read_members(layout, path, split):
     if layout.version == "python":
-      d = pickle.loads(raw, encoding="bytes")
-      data = np.asarray(_get(d, "data"), dtype=np.uint8).reshape(-1,
-                                                                  _IMAGE_BYTES)
-      if name == "cifar10":
-        labels.append(np.asarray(_get(d, "labels"), np.int64))
-      else:
-        labels.append(np.asarray(_get(d, "fine_labels"), np.int64))
-        coarse.append(np.asarray(_get(d, "coarse_labels"), np.int64))
+      d = load_batch(raw, where)
+      try:
+        data = np.asarray(_get(d, "data"), dtype=np.uint8).reshape(
+            -1, _IMAGE_BYTES)
+        if name == "cifar10":
+          labels.append(np.asarray(_get(d, "labels"), np.int64))
+        else:
+          labels.append(np.asarray(_get(d, "fine_labels"), np.int64))
+          coarse.append(np.asarray(_get(d, "coarse_labels"), np.int64))
+      except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{where} is not an official CIFAR python batch "
+                         f"({type(e).__name__}: {e})") from None
+      if len(labels[-1]) != len(data):
+        raise ValueError(f"{where} is not an official CIFAR python batch "
+                         f"({len(data)} images but {len(labels[-1])} labels)")
     else:
       n_label = 1 if name == "cifar10" else 2
       rec = np.frombuffer(raw, np.uint8)
       if rec.size % (n_label + _IMAGE_BYTES):
-        raise ValueError(f"{path}: {split} has a truncated record "
+        raise ValueError(f"{where}: {split} has a truncated record "
                          f"({rec.size} bytes).")
       rec = rec.reshape(-1, n_label + _IMAGE_BYTES)
       data = rec[:, n_label:]
