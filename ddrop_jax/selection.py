@@ -42,6 +42,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
+from models.layers import input_channels
+
 Path = tuple[str, ...]
 
 # kinds of DDROP layers
@@ -221,7 +223,7 @@ def _as_params(model_or_params: Any, input_shape: tuple[int, ...] | None):
     if input_shape is None:
       size = getattr(model, "image_size", None) or 32
       size = (size, size) if isinstance(size, int) else tuple(size)
-      input_shape = (1, *size, 3)
+      input_shape = (1, *size, input_channels(model))
     x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
     variables = jax.eval_shape(
         lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -242,8 +244,8 @@ def ddrop_layers(model_or_params: Any,
       ``jax.eval_shape``), a params pytree, or a variables dict with a
       ``params`` entry.
     input_shape: NHWC input shape for a module; default
-      ``(1, image_size, image_size, 3)`` with the module's ``image_size`` (or
-      32).
+      ``(1, image_size, image_size, in_channels)`` with the module's
+      ``image_size`` (or 32) and ``in_channels`` (or 3).
     dense_drop: ``linear`` or ``norm``: where a hidden Linear's unit with a
       follower norm is dropped (``DdropConfig.dense_drop``).
 

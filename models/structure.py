@@ -45,6 +45,8 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
+from models.layers import input_channels
+
 Path = tuple[str, ...]
 
 # Normaliser of DSP's ``insize_l`` (spec dsp.md section 0).
@@ -672,7 +674,7 @@ def _analyze(model, hw: tuple[int, int], channels: int) -> ModelStructure:
 
 
 def analyze(model, image_size: int | Sequence[int] = 32,
-            channels: int = 3) -> ModelStructure:
+            channels: int | None = None) -> ModelStructure:
   """Channel-flow structure of ``model`` for one ``image_size`` image.
 
   The result is cached per (model, shape); Flax modules are hashable
@@ -682,7 +684,7 @@ def analyze(model, image_size: int | Sequence[int] = 32,
     model: a Flax module called as ``model.apply(variables, x, train=False)``
       with NHWC images.
     image_size: height = width, or (height, width).
-    channels: image channels.
+    channels: image channels (None: the model's, ``layers.input_channels``).
 
   Returns:
     The ``ModelStructure``.
@@ -692,6 +694,8 @@ def analyze(model, image_size: int | Sequence[int] = 32,
   if len(hw) != 2 or min(hw) < 1:
     raise ValueError(f"image_size must be an int or (height, width), got "
                      f"{image_size!r}")
+  if channels is None:
+    channels = input_channels(model)
   return _analyze(model, hw, int(channels))
 
 
