@@ -101,7 +101,9 @@ def connectivities(struct: structure_lib.ModelStructure,
     params: the ``params`` collection (None: only the masks decide).
     masks: the ``masks`` collection (None: dense).
     remove_dead: also drop the filters of channels that
-      ``models.dead_channels`` (propagated) finds dead.
+      ``models.dead_channels`` (propagated) finds dead, and the kernels
+      that read a channel which is exactly zero (``_zero_inputs``: a
+      removed filter whose norm is masked, as channel pruning leaves it).
 
   Returns:
     Layer path -> boolean (in_features, out_features).
@@ -110,8 +112,51 @@ def connectivities(struct: structure_lib.ModelStructure,
           for l in struct.producers}
   if remove_dead:
     dead = structure_lib.dead_channels(struct, masks, params)
-    conn = {p: c & ~dead[p][None, :] for p, c in conn.items()}
+    zero_in = _zero_inputs(struct, masks)
+    conn = {p: c & ~dead[p][None, :] & ~zero_in[p][:, None]
+            for p, c in conn.items()}
   return conn
+
+
+def _zero_inputs(struct: structure_lib.ModelStructure,
+                 masks: Mapping[str, Any] | None
+                 ) -> dict[tuple[str, ...], np.ndarray]:
+  """Input features of every conv/dense layer that are exactly zero.
+
+  A producer's output channel is exactly zero when its norm's mask is zero
+  there (the mask multiplies scale and bias), or, without a norm, when its
+  kernel column is masked out (the layer then masks the bias too). A
+  consumer's input channel is zero when it is zero in every producer of the
+  space it reads (ReLU, pooling and residual sums keep a zero a zero: the
+  residual width is kept while any producer adds to a channel, as the
+  slimmed exports keep it); the kernels reading it compute nothing, and a
+  slimmed model drops them with the filter (channel pruning removes the
+  next layer's input slices). Producers whose channels something mixes
+  (e.g. a LayerNorm's statistics) are left alone: what their consumers read
+  need not be zero.
+
+  Args:
+    struct: from ``models.analyze``.
+    masks: the ``masks`` collection (None: dense).
+
+  Returns:
+    Layer path -> boolean (in_features,), True where the input is zero.
+  """
+  zero = {}
+  for l in struct.producers:
+    if l.norm is not None:
+      zero[l.path] = ~structure_lib.norm_alive(struct[l.norm], masks)
+    else:
+      zero[l.path] = ~structure_lib.connectivity(l, masks).any(axis=0)
+  space = {p: s for s in struct.spaces for p in s}
+  out = {}
+  for l in struct.producers:
+    z = np.zeros((l.in_features,), bool)
+    members = space[l.inputs[0]] if l.inputs else ()
+    if l.aligned and members and not any(p in struct.mixed for p in members):
+      z = np.logical_and.reduce([zero[p] for p in members])[l.channel_map()]
+    out[l.path] = z
+  return out
 
 
 def dsp_measure(struct: structure_lib.ModelStructure,
@@ -155,7 +200,7 @@ def _leaves(tree: Mapping[str, Any], prefix=()) -> dict[tuple[str, ...], Any]:
 
 
 def report(model, variables: Mapping[str, Any],
-           image_size: int | Sequence[int] = 32, channels: int = 3,
+           image_size: int | Sequence[int] = 32, channels: int | None = None,
            remove_dead: bool = False) -> FlopsReport:
   """DSP's measure and the whole-model counts for ``model`` under its masks.
 
@@ -164,7 +209,7 @@ def report(model, variables: Mapping[str, Any],
     variables: its variables; ``params`` is required, ``masks`` optional
       (abstract ``jax.eval_shape`` leaves count as dense).
     image_size: input height = width, or (height, width).
-    channels: image channels.
+    channels: image channels (None: the model's).
     remove_dead: also count the filters of dead channels
       (``models.dead_channels``, propagated to a fixed point) as removed,
       in both measures.
