@@ -1,12 +1,18 @@
-"""Accuracy vs FLOPs: DSP and DDROP against L1-norm, random and dense.
+"""Accuracy vs FLOPs: DSP, DDROP, slimming, L1-norm, random and dense.
 
-    python bench/study.py --out runs/study [--quick] [--seeds 0 1 2]
-        [--targets 50 70 80] [--models cifar_resnet8 [cifar_vgg_small ...]]
-        [--dataset digits] [--data-dir DIR] [--train-images 500] [--batch 32]
-        [--pretrain 16] [--phase 3] [--finetune 3]
+    python bench/study.py --out runs/study [--dataset digits|fashion_mnist]
+        [--quick] [--seeds 0 1 2] [--targets 50 70 80]
+        [--models cifar_resnet8 [cifar_vgg_small ...]] [--widths 8,16,32]
+        [--arms dsp ddrop slim l1 random] [--data-dir DIR]
+        [--train-images 500] [--batch 32] [--pretrain 16] [--phase 3]
+        [--finetune 3] [--slim-l1 1e-4]
 
-Several invocations with different ``--models`` may share one ``--out`` at
-the same time (``results.json`` is appended to under a lock).
+Defaults per dataset (``PRESETS``): digits, the published ResNet-8 study;
+``fashion_mnist``, the half-width ResNet-20 on 55,000 training images with
+the recipes' DSP and DDROP settings (``configs/dsp_fashion_mnist.py``,
+``configs/ddrop_fashion_mnist.py``). Several invocations with different
+``--models`` may share one ``--out`` at the same time (``results.json`` is
+appended to under a lock).
 
 Per model and seed, every arm gets ``pretrain + phase + finetune`` epochs:
 
@@ -14,20 +20,25 @@ Per model and seed, every arm gets ``pretrain + phase + finetune`` epochs:
   weight decay, step schedule with warm-up), once per seed;
 * ``phase`` epochs, once per seed and arm family: DSP's group learning
   (``dsp_jax.pipeline.group``); DDROP training (dropping + L1, the DDROP
-  phase's one-cycle SGD); for L1, random and dense the same one-cycle SGD
-  without dropping or L1;
-* per target of whole-model MACs removed: DDROP (|γ|), L1-norm filters and
-  random units prune ``floor(amount * C)`` units of the same layers with the
-  one amount whose MACs are closest to the target (``training.baselines``);
-  DSP prunes at the group-pruning threshold β whose MACs are closest to what
-  that amount reaches (equal MACs for every arm);
+  phase's one-cycle SGD); network slimming's sparsity training (the same
+  one-cycle SGD with L1 ``--slim-l1`` on the scales of every norm the
+  channel arms prune, nothing dropped); for L1-norm, random and dense the
+  same one-cycle SGD without dropping or L1;
+* per target of whole-model MACs removed: DDROP and slimming (|γ|), L1-norm
+  filters and random units prune ``floor(amount * C)`` units of the same
+  layers with the one amount whose MACs are closest to the target
+  (``training.baselines``); DSP prunes at the group-pruning threshold β
+  whose MACs are closest to what that amount reaches (equal MACs for every
+  arm);
 * ``finetune`` epochs of the same schedule for every arm (one cosine cycle of
   DSP's fine-tuning optimizer, masks held fixed); dense fine-tunes unpruned.
 
-Accuracies are final test accuracies (no checkpoint selection). FLOPs are
-``models.flops.report`` with dead structure removed, both measures (DSP's
-P.FLOPS/P.PARAMS and whole-model MACs/params). The pruned models of the first
-seed are exported through ``convert.cli.export_dir`` (logits checked).
+Accuracies are final (no checkpoint selection), on the test split and on
+the validation split (the held-out training images) that any choice made
+for the study looks at. FLOPs are ``models.flops.report`` with dead
+structure removed, both measures (DSP's P.FLOPS/P.PARAMS and whole-model
+MACs/params). The pruned models of the first seed are exported through
+``convert.cli.export_dir`` (logits checked).
 
 Writes ``OUT/results.json`` after every finished run (a restarted study skips
 those and resumes unfinished ones from their checkpoints in
@@ -50,24 +61,50 @@ from typing import Any, Mapping
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-METHODS = ("dsp", "ddrop", "l1", "random")
+METHODS = ("dsp", "ddrop", "slim", "l1", "random")
 ARMS = METHODS + ("dense",)
-LABELS = {"dsp": "DSP", "ddrop": "DDROP", "l1": "L1-norm", "random": "random",
-          "dense": "dense"}
-COLORS = {"dsp": "C0", "ddrop": "C1", "l1": "C2", "random": "C3"}
+LABELS = {"dsp": "DSP", "ddrop": "DDROP", "slim": "slimming",
+          "l1": "L1-norm", "random": "random", "dense": "dense"}
+COLORS = {"dsp": "C0", "ddrop": "C1", "slim": "C4", "l1": "C2",
+          "random": "C3"}
 # Phases of the data order / rng stream of each training run.
 OFFSETS = {"pretrain": 0, "group": 1, "plain": 2, "ddrop": 3, "finetune": 4,
-           "random": 5}
-FULL = dict(seeds=[0, 1, 2], targets=[50.0, 70.0, 80.0], train_images=500,
-            batch=32, pretrain=16, phase=3, finetune=3)
+           "random": 5, "slim": 6, "recal": 7}
+# The study's setting per dataset (any other dataset: digits'); command-line
+# options override single entries. Digits: the published ResNet-8 study.
+# Fashion-MNIST: the half-width ResNet-20 (68,642 parameters, 7.78 M MACs) on
+# 55,000 training images (5,000 held out as the validation split), sized to
+# fit 3 seeds into 4 hours on 2 CPU cores (README, Results).
+PRESETS = {
+    "digits": dict(models=["cifar_resnet8"], widths="", seeds=[0, 1, 2],
+                   targets=[50.0, 70.0, 80.0], train_images=500, batch=32,
+                   pretrain=16, phase=3, finetune=3,
+                   arms=["dsp", "ddrop", "l1", "random"], slim_l1=1e-4),
+    "fashion_mnist": dict(models=["cifar_resnet20"], widths="8,16,32",
+                          seeds=[0, 1, 2], targets=[50.0, 70.0],
+                          train_images=55_000, batch=128, pretrain=8,
+                          phase=1, finetune=2, arms=list(METHODS),
+                          slim_l1=1e-4),
+}
 QUICK = dict(seeds=[0], targets=[50.0, 80.0], train_images=192, batch=32,
              pretrain=2, phase=1, finetune=1)
+# Recipes whose DSP and DDROP fields the study takes, per dataset.
+RECIPES = {"fashion_mnist": ("dsp_fashion_mnist", "ddrop_fashion_mnist")}
+DEFAULT_RECIPES = ("quickstart", "ddrop_quickstart")
+# DDROP fields of the recipe (the algorithm and its phase's lr); epochs and
+# the fine-tuning are the study's.
+DDROP_FIELDS = ("prob", "schedule", "lr", "l1", "l1_rank_weighted",
+                "importance", "dense_drop", "ft_lr")
 GROUPS = 4
 
 
 # ------------------------------------------------------------------ config
 def make_config(args: argparse.Namespace, model_name: str, seed: int):
-  """The run config of one model and seed (DSP and DDROP quickstart fields).
+  """The run config of one model and seed.
+
+  The DSP and DDROP fields come from the dataset's recipes (``RECIPES``:
+  ``configs/dsp_fashion_mnist.py`` and ``configs/ddrop_fashion_mnist.py``;
+  the digits quickstarts otherwise), epochs and data from ``args``.
 
   Args:
     args: the parsed command line.
@@ -77,13 +114,16 @@ def make_config(args: argparse.Namespace, model_name: str, seed: int):
   Returns:
     A validated ``ml_collections.ConfigDict`` (``method='dsp'``).
   """
-  from configs import ddrop_quickstart, quickstart
+  import importlib
   from training import data
-  config = quickstart.get_config()
-  ddrop = ddrop_quickstart.get_config().ddrop
+  dsp_recipe, ddrop_recipe = RECIPES.get(args.dataset, DEFAULT_RECIPES)
+  config = importlib.import_module(f"configs.{dsp_recipe}").get_config()
+  ddrop = importlib.import_module(f"configs.{ddrop_recipe}").get_config().ddrop
+  config.method, config.widths = "dsp", args.widths
   config.model, config.seed = model_name, seed
   config.dataset, config.data_dir = args.dataset, args.data_dir
-  config.batch_size, config.test_batch_size = args.batch, 200
+  config.batch_size = args.batch
+  config.test_batch_size = max(200, config.test_batch_size)
   data.prepare(args.dataset, args.data_dir or None)
   total = data.get_info(args.dataset, args.data_dir or None).splits["train"]
   if 0 < args.train_images < total:
@@ -94,7 +134,7 @@ def make_config(args: argparse.Namespace, model_name: str, seed: int):
   config.dsp.group_epochs = args.phase
   config.dsp.finetune_epochs = args.finetune
   config.dsp.cycles = 1
-  for field in ("prob", "schedule", "lr", "l1", "ft_lr"):
+  for field in DDROP_FIELDS:
     config.ddrop[field] = ddrop[field]
   config.ddrop.epochs = args.phase
   config.ddrop.before_epochs = 0
@@ -113,26 +153,38 @@ class Runner:
 
   _cache: dict[Any, Any] = {}
 
-  def __init__(self, config, root: pathlib.Path):
+  def __init__(self, config, root: pathlib.Path, slim_l1: float = 0.0):
+    """The runs of one model and seed.
+
+    Args:
+      config: the run config (``make_config``).
+      root: the directory of the seed's runs.
+      slim_l1: L1 strength of network slimming's phase.
+    """
     from training import pipeline
     self.config = config
     self.root = root
     self.env = pipeline.setup(config, root)
     self.spe = self.env.steps_per_epoch
     self.name = config.model
+    self.slim_l1 = slim_l1
+    # Which layers the channel arms prune (``channel_scope``).
+    self.prune_scope = "ddrop_layers"
 
   def model(self, gated: bool = False):
     from training import pipeline
     return pipeline.build_model(self.config, self.env.info.num_classes,
                                 **({"groups": GROUPS} if gated else {}))
 
-  def layers(self, scope: str = "ddrop_layers"):
-    """The DDROP layers (scope ``all``: plus the norms after residual convs,
-    ``prune_residual``)."""
+  def layers(self, scope: str | None = None, dense_drop: str = "linear"):
+    """The DDROP layers; with a prune ``scope``, the layers pruning acts on
+    (``all``: plus the norms after residual convs, ``prune_residual``)."""
     import ddrop_jax
     info = self.env.info
     shape = (info.image_size, info.image_size, info.channels)
-    layers = ddrop_jax.ddrop_layers(self.model(), shape)
+    layers = ddrop_jax.ddrop_layers(self.model(), shape, dense_drop)
+    if scope is None:
+      return layers
     return ddrop_jax.prune_layers(self.model(), layers, scope == "all", shape)
 
   def cached(self, key, build):
@@ -142,18 +194,26 @@ class Runner:
     return self._cache[key]
 
   def evaluator(self, gated: bool):
-    """Test accuracy of a state (the selection split is 'test')."""
+    """Test and validation accuracy of a state.
+
+    ``validation`` is the held-out part of the training split (with
+    ``validation_from_train``), the only split any choice may look at.
+    """
     from training import data, steps
     env, config = self.env, self.config
+    splits = {"test": "test"}
+    if config.validation_from_train:
+      splits["validation"] = data.HOLDOUT_SPLIT
 
     def build():
       step = steps.make_eval_step(self.model(gated), env.info, env.mesh,
                                   dtype=env.dtype)
-      return lambda state: {"test": steps.evaluate(
+      return lambda state: {name: steps.evaluate(
           step, state, data.eval_batches(
-              config.dataset, "test", env.data_dir,
+              config.dataset, split, env.data_dir,
               batch_size=config.test_batch_size,
-              validation_from_train=config.validation_from_train), env.mesh)}
+              validation_from_train=config.validation_from_train), env.mesh)
+                            for name, split in splits.items()}
     return self.cached(("eval", gated), build)
 
   def state(self, variables: Mapping[str, Any], tx, phase: str, extra=None):
@@ -208,22 +268,54 @@ class Runner:
     return self.fit("pretrain", "pretrain", state, step_fn,
                     d.pretrain_epochs)
 
-  def phase(self, kind: str, variables):
-    """``phase`` epochs of DDROP training or the same without DDROP."""
+  def ddrop_section(self, changes: Mapping[str, Any] | None = None):
+    """``config.ddrop`` with ``changes`` applied (a copy)."""
+    d = self.config.ddrop.copy_and_resolve_references()
+    for k, v in (changes or {}).items():
+      d[k] = v
+    return d
+
+  def phase(self, kind: str, variables, run: str | None = None,
+            changes: Mapping[str, Any] | None = None):
+    """``phase`` epochs of DDROP, network slimming or plain training.
+
+    All three use DDROP's phase optimizer (one-cycle SGD).
+
+    Args:
+      kind: ``ddrop`` (dropping + L1 on the DDROP layers' scales), ``slim``
+        (L1 of strength ``slim_l1`` on the scales of every norm the channel
+        arms prune, nothing dropped: network slimming's sparsity training)
+        or ``plain`` (neither).
+      variables: the starting variables.
+      run: the run's directory (default ``kind``).
+      changes: ``config.ddrop`` fields changed for this run (DDROP
+        experiments).
+
+    Returns:
+      The ``loop.StageResult`` (its state's ``extra`` holds DDROP's
+      activation statistics when the criterion needs them).
+    """
+    import optax
     import ddrop_jax
+    from ddrop_jax import l1 as l1_lib
     from ddrop_jax import pipeline as ddrop_pipeline
     from ddrop_jax.config import DdropConfig
     from training import optim, steps
-    d = self.config.ddrop
+    run = run or kind
+    d = self.ddrop_section(changes)
     model = self.model()
-    layers = self.layers()
     cfg = DdropConfig.from_engine(d).with_phase_steps(d.epochs * self.spe)
+    layers = self.layers(dense_drop=cfg.dense_drop)
 
     def build():
       section = ddrop_pipeline.phase_optim(self.config, self.name)
       tx, lr_fn = optim.make_optimizer(section, epochs=d.epochs,
                                        steps_per_epoch=self.spe, lr=d.lr)
-      if kind == "plain":
+      if kind in ("plain", "slim"):
+        if kind == "slim":
+          tx = optax.chain(l1_lib.add_l1(self.slim_l1, mask=l1_lib.l1_mask(
+              self.layers(self.prune_scope))),
+                           tx)
         return tx, steps.make_train_step(model, tx, self.env.info,
                                          self.env.mesh, lr_schedule=lr_fn,
                                          dtype=self.env.dtype)
@@ -231,12 +323,14 @@ class Runner:
       return tx, ddrop_jax.make_ddrop_train_step(
           model, tx, self.env.info, self.env.mesh, layers, cfg,
           lr_schedule=lr_fn, dtype=self.env.dtype)
-    tx, step_fn = self.cached(("phase", kind), build)
+    key = ("phase", kind, tuple(sorted((changes or {}).items())),
+           self.prune_scope if kind == "slim" else None, self.slim_l1)
+    tx, step_fn = self.cached(key, build)
     extra = None
     if kind == "ddrop":
       from ddrop_jax.train import init_extra
       extra = init_extra(layers, cfg)
-    return self.fit(kind, kind, self.state(variables, tx, kind, extra),
+    return self.fit(run, kind, self.state(variables, tx, kind, extra),
                     step_fn, d.epochs)
 
   def group(self, variables):
@@ -265,10 +359,43 @@ class Runner:
                                        dtype=self.env.dtype)
     tx, step_fn = self.cached(("finetune", gated), build)
     state = self.state(variables, tx, "finetune")
-    before = self.evaluator(gated)(state)["test"]["accuracy"]
+    before = accuracies(self.evaluator(gated)(state))
     result = self.fit(run, "finetune", state, step_fn, d.finetune_epochs,
                       gated)
-    return float(before), float(result.final["test"]["accuracy"])
+    return before, accuracies(result.final)
+
+  def recalibrate(self, variables, batches: int = 50):
+    """``variables`` with BatchNorm statistics re-estimated without DDROP.
+
+    ``batches`` train-mode forward passes over augmented training batches,
+    nothing dropped and no weight changed; the running statistics move
+    with the layers' momentum (0.1: after 50 batches the old ones weigh
+    0.9^50 = 0.5 %).
+    """
+    import jax
+    from training import mesh as mesh_lib, steps
+    from training import pipeline
+    model, info = self.model(), self.env.info
+
+    def build():
+      @jax.jit
+      def update(v, images, key):
+        x = steps.preprocess(key, images, info, self.env.dtype)
+        _, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+        return {**v, "batch_stats": new["batch_stats"]}
+      return update
+    update = self.cached(("recalibrate",), build)
+    v = jax.tree.map(jax.numpy.asarray, dict(variables))
+    it = iter(pipeline.train_data(self.config, self.env, OFFSETS["recal"]))
+    for i in range(batches):
+      images = mesh_lib.global_batch(next(it), self.env.mesh)["image"]
+      v = update(v, images, jax.random.key(i))
+    return jax.device_get(v)
+
+
+def accuracies(evals: Mapping[str, Any]) -> dict[str, float]:
+  """``{split: accuracy}`` of an evaluation."""
+  return {split: float(m["accuracy"]) for split, m in evals.items()}
 
 
 # ------------------------------------------------------------------ pruning
@@ -428,11 +555,12 @@ class Results:
     os.replace(tmp, self.path)
 
 
-def export_check(stage_dir: pathlib.Path, out: pathlib.Path) -> float:
+def export_check(stage_dir: pathlib.Path, out: pathlib.Path,
+                 image_size: int) -> float:
   """Exports a fine-tuned run; the largest |logit| difference measured."""
   from convert import cli
   result = cli.export_dir(stage_dir, out, program=False, which="latest",
-                          fast_options=None)
+                          image_size=image_size, fast_options=None)
   return max(float(v) for v in result.max_abs_diff.values())
 
 
@@ -445,9 +573,9 @@ def study_model(args, name: str, seed: int, results: Results) -> None:
   from training import baselines
   config = make_config(args, name, seed)
   root = pathlib.Path(args.out) / "runs" / name / f"seed{seed}"
-  runner = Runner(config, root)
+  runner = Runner(config, root, slim_l1=args.slim_l1)
   size = runner.env.info.image_size
-  missing = dsp_available(runner)
+  missing = dsp_available(runner) if "dsp" in args.arms else None
   if missing:
     results.note(f"DSP is not available for {name}: {missing}")
 
@@ -455,17 +583,25 @@ def study_model(args, name: str, seed: int, results: Results) -> None:
     t = time.time()
     result = fn()
     if not results.done("shared", model=name, seed=seed, phase=phase):
+      acc = accuracies(result.final)
       results.add("shared", {
           "model": name, "seed": seed, "phase": phase,
-          "test_accuracy": float(result.final["test"]["accuracy"]),
+          "test_accuracy": acc["test"],
+          **({"validation_accuracy": acc["validation"]}
+             if "validation" in acc else {}),
           "seconds": time.time() - t})
     return jax.device_get(result.state.variables())
 
   pre = shared("pretrain", runner.pretrain)
+  scope, rows = channel_scope(args, runner, pre)
+  runner.prune_scope = scope
   plain = shared("plain", lambda: runner.phase("plain", pre))
-  ddropped = shared("ddrop", lambda: runner.phase("ddrop", pre))
+  ddropped = (shared("ddrop", lambda: runner.phase("ddrop", pre))
+              if "ddrop" in args.arms else None)
+  slimmed = (shared("slim", lambda: runner.phase("slim", pre))
+             if "slim" in args.arms else None)
   group_vars = None
-  if not missing:
+  if "dsp" in args.arms and not missing:
     try:
       group_vars, sec = runner.group(pre)
     except Exception as e:  # pylint: disable=broad-except
@@ -476,7 +612,6 @@ def study_model(args, name: str, seed: int, results: Results) -> None:
       if not results.done("shared", model=name, seed=seed, phase="group"):
         results.add("shared", {"model": name, "seed": seed,
                                "phase": "group", "seconds": sec})
-  scope, rows = channel_scope(args, runner, pre)
   layers = runner.layers(scope)
 
   def record(method, target, run, variables, gated, extra):
@@ -487,18 +622,23 @@ def study_model(args, name: str, seed: int, results: Results) -> None:
     figs = figures(runner.model(gated), variables, size)
     before, after = runner.finetune(run, variables, gated)
     rec = {"model": name, "seed": seed, "method": method, "target": target,
-           **extra, **figs, "acc_before_ft": before, "acc_after_ft": after}
+           **extra, **figs, "acc_before_ft": before["test"],
+           "acc_after_ft": after["test"]}
+    if "validation" in after:
+      rec["val_before_ft"] = before["validation"]
+      rec["val_after_ft"] = after["validation"]
     if seed == args.seeds[0] and method != "dense":
       try:
         rec["export_max_abs_diff"] = export_check(
-            root / run / "finetune", root / run / "export")
+            root / run / "finetune", root / run / "export", size)
       except Exception as e:  # pylint: disable=broad-except
         rec["export_error"] = f"{type(e).__name__}: {e}"
     rec["seconds"] = time.time() - t
     results.add("runs", rec)
     print(f"{name} seed {seed} {method:>6} target {target:>4.0f}%: MACs "
-          f"-{figs['pflops_whole_model']:.1f}% acc {100 * before:.2f} -> "
-          f"{100 * after:.2f} ({rec['seconds']:.0f}s)", flush=True)
+          f"-{figs['pflops_whole_model']:.1f}% acc {100 * before['test']:.2f}"
+          f" -> {100 * after['test']:.2f} ({rec['seconds']:.0f}s)",
+          flush=True)
 
   record("dense", 0.0, "dense", plain, False, {})
   for target in args.targets:
@@ -514,14 +654,23 @@ def study_model(args, name: str, seed: int, results: Results) -> None:
       record("dsp", target, f"dsp_{tag}", v, True, {"beta": beta})
     cfg = dataclasses.replace(DdropConfig.from_engine(config.ddrop),
                               amount=amount, prune_residual=scope == "all")
-    record("ddrop", target, f"ddrop_{tag}",
-           ddrop_jax.prune(ddropped, layers, cfg), False, extra)
-    record("l1", target, f"l1_{tag}", baselines.prune(
-        plain, layers, criterion="l1", amount=amount), False, extra)
-    key = jax.random.fold_in(jax.random.key(seed), OFFSETS["random"])
-    record("random", target, f"random_{tag}", baselines.prune(
-        plain, layers, criterion="random", amount=amount, rng=key), False,
-           extra)
+    if ddropped is not None:
+      record("ddrop", target, f"ddrop_{tag}",
+             ddrop_jax.prune(ddropped, layers, cfg), False, extra)
+    if slimmed is not None:
+      # Network slimming: the smallest |gamma| after the L1 phase.
+      record("slim", target, f"slim_{tag}", ddrop_jax.prune(
+          slimmed, layers, dataclasses.replace(cfg, criterion="abs_gamma")),
+             False, extra)
+    if "l1" in args.arms:
+      record("l1", target, f"l1_{tag}", baselines.prune(
+          plain, layers, criterion="l1", amount=amount), False,
+             extra)
+    if "random" in args.arms:
+      key = jax.random.fold_in(jax.random.key(seed), OFFSETS["random"])
+      record("random", target, f"random_{tag}", baselines.prune(
+          plain, layers, criterion="random", amount=amount,
+          rng=key), False, extra)
 
 
 def channel_scope(args, runner: Runner, variables):
@@ -555,13 +704,15 @@ def summarize(data: Mapping[str, Any]):
   for r in data["runs"]:
     groups.setdefault((r["model"], r["method"], r["target"]), []).append(r)
   for (model, method, target), rs in sorted(groups.items()):
-    out.setdefault(model, {})[(method, target)] = {
-        "n": len(rs),
-        "macs": _stats(r["pflops_whole_model"] for r in rs),
-        "params": _stats(r["pparams_whole_model"] for r in rs),
-        "dsp_pflops": _stats(r["dsp_pflops"] for r in rs),
-        "before": _stats(100 * r["acc_before_ft"] for r in rs),
-        "after": _stats(100 * r["acc_after_ft"] for r in rs)}
+    v = {"n": len(rs),
+         "macs": _stats(r["pflops_whole_model"] for r in rs),
+         "params": _stats(r["pparams_whole_model"] for r in rs),
+         "dsp_pflops": _stats(r["dsp_pflops"] for r in rs),
+         "before": _stats(100 * r["acc_before_ft"] for r in rs),
+         "after": _stats(100 * r["acc_after_ft"] for r in rs)}
+    if all("val_after_ft" in r for r in rs):
+      v["val_after"] = _stats(100 * r["val_after_ft"] for r in rs)
+    out.setdefault(model, {})[(method, target)] = v
   return out
 
 
@@ -574,34 +725,50 @@ def verdict(a, b) -> str:
   return f"{word} ({diff:+.2f} pt, spread {spread:.2f})"
 
 
+def model_label(setting: Mapping[str, Any], model: str) -> str:
+  """The model's name with the study's widths (e.g. ``cifar_resnet20
+  (widths 8,16,32)``)."""
+  widths = setting.get("widths")
+  return f"{model} (widths {widths})" if widths else model
+
+
 def table(data: Mapping[str, Any]) -> str:
   """The Markdown tables and per-setting verdicts."""
   s = data["setting"]
-  lines = [f"Test accuracy % (mean ± std over seeds {s['seeds']}); budget "
+  lines = [f"Accuracy % (mean ± std over seeds {s['seeds']}); budget "
            f"per arm: {s['pretrain']} + {s['phase']} + {s['finetune']} "
            f"epochs on {s['dataset']} ({s['train_images'] or 'all'} "
-           "training images)."]
+           "training images); final accuracies, no checkpoint selection."]
   pm = lambda v, f=".2f": f"{v[0]:{f}} ± {v[1]:{f}}"
   for model, rows in summarize(data).items():
-    lines += ["", f"**{model}**", "",
+    val = all("val_after" in v for v in rows.values())
+    lines += ["", f"**{model_label(s, model)}**", "",
               "| method | target | MACs removed % | params removed % | "
-              "P.FLOPS % | before FT | after FT | n |",
-              "|---|---|---|---|---|---|---|---|"]
+              "P.FLOPS % | test, before FT | test, after FT |"
+              + (" validation, after FT |" if val else "") + " n |",
+              "|---|---|---|---|---|---|---|" + ("---|" if val else "")
+              + "---|"]
     for (method, target), v in sorted(rows.items(),
                                       key=lambda kv: (kv[0][1],
                                                       ARMS.index(kv[0][0]))):
       lines.append(
           f"| {LABELS[method]} | {target:g} | {pm(v['macs'], '.1f')} | "
           f"{pm(v['params'], '.1f')} | {pm(v['dsp_pflops'], '.1f')} | "
-          f"{pm(v['before'])} | {pm(v['after'])} | {v['n']} |")
+          f"{pm(v['before'])} | {pm(v['after'])} |"
+          + (f" {pm(v['val_after'])} |" if val else "") + f" {v['n']} |")
     lines.append("")
+    dense = rows.get(("dense", 0.0))
     for target in sorted({t for _, t in rows if t > 0}):
-      for m in ("dsp", "ddrop"):
+      for m in ("dsp", "ddrop", "slim"):
         if (m, target) not in rows:
           continue
         mine = rows[(m, target)]["after"]
         parts = [f"{verdict(mine, rows[(b, target)]['after'])} {LABELS[b]}"
                  for b in ("l1", "random") if (b, target) in rows]
+        if dense is not None:
+          gap = dense["after"][0] - mine[0]
+          parts.append(f"{gap:.2f} pt below dense ("
+                       f"{'within' if gap <= 1.0 else 'not within'} 1.0 pt)")
         lines.append(f"* {model}, {target:g} %: {LABELS[m]} "
                      + "; ".join(parts))
   for n in data.get("notes", []):
@@ -614,10 +781,12 @@ def plot(data: Mapping[str, Any], path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
+  s = data["setting"]
   summary = summarize(data)
   fig, axes = plt.subplots(1, max(1, len(summary)), squeeze=False,
-                           figsize=(5.5 * max(1, len(summary)), 4.2))
+                           figsize=(6.0 * max(1, len(summary)), 4.6))
   for ax, (model, rows) in zip(axes[0], summary.items()):
+    n = max(v["n"] for v in rows.values())
     for method in METHODS:
       pts = sorted((t, v) for (m, t), v in rows.items() if m == method)
       if not pts:
@@ -629,9 +798,11 @@ def plot(data: Mapping[str, Any], path: pathlib.Path) -> None:
                   capsize=3, color=COLORS[method], label=LABELS[method])
     if ("dense", 0.0) in rows:
       mean, sd = rows[("dense", 0.0)]["after"]
-      ax.axhline(mean, color="k", ls="--", lw=1, label="dense")
+      ax.axhline(mean, color="k", ls="--", lw=1, label="dense (± std band)")
       ax.axhspan(mean - sd, mean + sd, color="k", alpha=0.1)
-    ax.set_title(model)
+    ax.set_title(f"{s['dataset']}: {model_label(s, model)}\n"
+                 f"seeds {', '.join(map(str, s['seeds']))}; error bars: "
+                 f"mean ± std over {n} seeds", fontsize=10)
     ax.set_xlabel("whole-model MACs removed (%)")
     ax.set_ylabel("test accuracy after fine-tuning (%)")
     ax.grid(alpha=0.3)
@@ -647,7 +818,13 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true",
                  help="one seed, two targets, 2 + 1 + 1 epochs")
   p.add_argument("--models", nargs="+",
-                 default=["cifar_resnet8"])
+                 help="registry names (default: the dataset's preset)")
+  p.add_argument("--widths", help="channel widths of the ResNets, "
+                 "comma-separated (config field widths; '' = the model's)")
+  p.add_argument("--arms", nargs="+", choices=METHODS,
+                 help="pruning methods run (dense always runs)")
+  p.add_argument("--slim-l1", type=float,
+                 help="L1 strength on the norm scales of network slimming")
   p.add_argument("--seeds", type=int, nargs="+")
   p.add_argument("--targets", type=float, nargs="+",
                  help="whole-model MACs removed, %%")
@@ -661,7 +838,10 @@ def parse(argv=None) -> argparse.Namespace:
                  help="epochs of group learning / DDROP / plain training")
   p.add_argument("--finetune", type=int, help="fine-tuning epochs")
   args = p.parse_args(argv)
-  for k, v in (QUICK if args.quick else FULL).items():
+  preset = dict(PRESETS.get(args.dataset, PRESETS["digits"]))
+  if args.quick:
+    preset.update(QUICK)
+  for k, v in preset.items():
     if getattr(args, k) is None:
       setattr(args, k, v)
   return args
@@ -676,8 +856,8 @@ def main(argv=None) -> int:
   jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   setting = {k: getattr(args, k) for k in (
-      "models", "seeds", "targets", "dataset", "train_images", "batch",
-      "pretrain", "phase", "finetune")}
+      "models", "widths", "seeds", "targets", "dataset", "train_images",
+      "batch", "pretrain", "phase", "finetune", "arms", "slim_l1")}
   results = Results(out / "results.json", setting)
   t = time.time()
   # Seed-major: an interrupted study has whole seeds of every model.

@@ -204,6 +204,11 @@ def _export(model: Any, variables: dict[str, Any], info: dict[str, Any],
             fast_options: fast.Options | None = fast.Options()
             ) -> (dsp.ExportResult | slim.SlimExport
                   | branched.BranchedExport):
+  if image_size and getattr(model, "image_size", None) not in (None,
+                                                               image_size):
+    # A model rebuilt from a checkpoint has the registry's input size; it
+    # is exported for the size it was trained at.
+    model = model.clone(image_size=image_size)
   fmt = export_format(info["model"]) if export is None else export
   if export is None and fmt == "slim" and variables.get("gates"):
     fmt = "branched"  # DSP-pruned: its groups become branches.
@@ -327,19 +332,27 @@ def dataset_of(source: str | pathlib.Path) -> str | None:
   return None
 
 
-def _write_preprocess(args: argparse.Namespace, files: dict[str, Any]
-                      ) -> dict[str, Any] | None:
-  """``preprocess.json`` of an export (None: dataset unknown)."""
+def _dataset_info(args: argparse.Namespace) -> Any:
+  """The training dataset's ``DatasetInfo`` (None: unknown), its image
+  size replaced by ``--image-size`` when given."""
   name = args.dataset or dataset_of(args.variables)
   if name is None:
-    if args.with_preprocess:
-      raise ValueError("--with-preprocess needs the training dataset: pass "
-                       "--dataset NAME")
     return None
   from training import data  # pylint: disable=g-import-not-at-top
   info = data.get_info(name)
   if args.image_size:
     info = dataclasses.replace(info, image_size=args.image_size)
+  return info
+
+
+def _write_preprocess(args: argparse.Namespace, info: Any,
+                      files: dict[str, Any]) -> dict[str, Any] | None:
+  """``preprocess.json`` of an export (None: dataset unknown)."""
+  if info is None:
+    if args.with_preprocess:
+      raise ValueError("--with-preprocess needs the training dataset: pass "
+                       "--dataset NAME")
+    return None
   return preprocess.finish(args.out, info, files, args.with_preprocess)
 
 
@@ -351,10 +364,13 @@ def _run_export(args: argparse.Namespace) -> None:
         "directory; expected a run's workdir, one of its stage directories, "
         "or a `convert import` directory)")
   model, variables, info = jax_side.load_source(args.variables, args.which)
+  data_info = _dataset_info(args)
+  # The model takes the training images' size (Fashion-MNIST: 28).
+  size = args.image_size or (data_info.image_size if data_info else None)
   r = _export(model, variables, info, args.out, args.stage, args.accuracy,
-              not args.no_program, args.export_format, args.image_size,
+              not args.no_program, args.export_format, size,
               None if args.no_fast else fast.Options(args.tune, args.plan))
-  pre = _write_preprocess(args, r.files)
+  pre = _write_preprocess(args, data_info, r.files)
   if pre is not None:
     r.files[preprocess.FILE] = pre["file"]
   for path in r.files.values():

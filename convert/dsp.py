@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import models
+from models.layers import input_channels
 from convert import dsp_torch, fast, fast_specs, jax_side, packing, tables
 
 PACKED, PROGRAM, STATE_DICT, REFERENCE_IO = (
@@ -39,15 +40,18 @@ class ConversionMismatch(ValueError):
   ValueError: reported as one line, like other unusable inputs)."""
 
 
-def random_images(n: int, image_size: int = 32, seed: int = 0) -> np.ndarray:
+def random_images(n: int, image_size: int = 32, seed: int = 0,
+                  channels: int = 3) -> np.ndarray:
   """``n`` standard-normal NHWC images (float32) from ``jax.random.key(seed)``."""
-  x = jax.random.normal(jax.random.key(seed), (n, image_size, image_size, 3))
+  x = jax.random.normal(jax.random.key(seed),
+                        (n, image_size, image_size, channels))
   return np.asarray(x, np.float32)
 
 
 def torch_logits(module: Any, images_nhwc: np.ndarray) -> np.ndarray:
   """Logits of a torch module (eval, no grad) for NHWC images."""
-  x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+  # A copy: a 1-channel transpose is already contiguous, and read-only.
+  x = torch.from_numpy(np.array(images_nhwc.transpose(0, 3, 1, 2), order="C"))
   # No profiling/fusion passes: one call, and they cost seconds on CPU.
   with torch.no_grad(), torch.jit.optimized_execution(False):
     return module(x).detach().cpu().numpy()
@@ -144,7 +148,8 @@ def export_packed(model: Any, variables: Mapping[str, Any],
   out_dir = pathlib.Path(out_dir)
   plan = jax_side.plan_from_variables(variables, num_batches_tracked)
   if images is None:
-    images = random_images(num_images, image_size, seed)
+    images = random_images(num_images, image_size, seed,
+                           input_channels(model))
   want = jax_side.logits(model, variables, images)
   traced = dsp_torch.trace(plan, image_size)
   diffs = {"traced": check_logits("traced packed model",
@@ -161,7 +166,7 @@ def export_packed(model: Any, variables: Mapping[str, Any],
       PACKED, torch_logits(torch.jit.load(files[PACKED]), images), want, atol)
   if program:
     # Batch 2 in the example: a size-1 dimension would be specialised.
-    example = (torch.zeros(2, 3, image_size, image_size),)
+    example = (torch.zeros(2, images.shape[-1], image_size, image_size),)
     ep = torch.export.export(
         dsp_torch.build(plan, index_select=True), example,
         dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
@@ -253,7 +258,7 @@ def import_packed(source: str | os.PathLike | Any, *, num_images: int = 4,
   plan = dsp_torch.read_packed(module)
   name, overrides, variables = jax_side.variables_from_plan(plan)
   model = models.create_model(name, plan.num_classes, **overrides)
-  images = random_images(num_images, 32, seed)
+  images = random_images(num_images, 32, seed, input_channels(model))
   got = jax_side.logits(model, variables, images)
   diff = float(np.max(np.abs(got - torch_logits(module, images))))
   if atol is not None and not diff <= atol:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from models.layers import input_channels
 from convert import packing, tables
 from training import integrity
 
@@ -61,9 +62,41 @@ def cifar_resnet_for(depth: int, widths: tuple[int, ...], num_classes: int,
   return name, overrides
 
 
-def template(model: Any, image_size: int = 32, channels: int = 3
+def shape_overrides(variables: Mapping[str, Any], family: str
+                    ) -> dict[str, Any]:
+  """Model overrides read off the variables' shapes.
+
+  ``in_channels`` when the images are not RGB (the first conv reads them:
+  its HWIO kernel holds their channels); for DSP's CIFAR ResNets their
+  ``widths`` (a run may set them, e.g. a half-width ResNet-20).
+
+  Args:
+    variables: the model variables (``params`` at least).
+    family: the registry family.
+
+  Returns:
+    The overrides that rebuild the model of these variables.
+  """
+  params = variables[tables.PARAMS]
+  out: dict[str, Any] = {}
+  convs = [l for l in tables.find_layers(variables, family) if l.kind == "conv"]
+  if convs:
+    channels = int(np.shape(tables.get_path(params,
+                                            convs[0].path + ("kernel",)))[2])
+    if channels != 3:
+      out["in_channels"] = channels
+  if family == FAMILY and "stage_1" in params:
+    out["widths"] = tuple(
+        int(np.shape(params[f"stage_{s}"]["0"]["conv_b"]["kernel"])[3])
+        for s in range(1, 1 + sum(k.startswith("stage_") for k in params)))
+  return out
+
+
+def template(model: Any, image_size: int = 32, channels: int | None = None
              ) -> dict[str, Any]:
-  """Shapes/dtypes of a model's variables (no computation)."""
+  """Shapes/dtypes of a model's variables (no computation; ``channels``
+  None: the model's input channels)."""
+  channels = input_channels(model) if channels is None else channels
   x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   model = models.prunable(model)
   return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
@@ -133,6 +166,9 @@ def variables_from_plan(plan: packing.PackedResNet
     elsewhere), numpy arrays.
   """
   name, overrides = cifar_resnet_for(plan.depth, plan.widths, plan.num_classes)
+  channels = int(plan.stem["conv_1_3x3.weight"].shape[1])
+  if channels != 3:
+    overrides["in_channels"] = channels  # e.g. grey images
   model = models.create_model(name, plan.num_classes, **overrides)
   tmpl = template(model)
   sd, conv_masks, bn_masks = packing.unpack_cifar_resnet(plan)
@@ -206,9 +242,11 @@ def load_variables(directory: str | os.PathLike
   info = json.loads((directory / "model.json").read_text())
   overrides = {k: tuple(v) if isinstance(v, list) else v
                for k, v in info.get("overrides", {}).items()}
-  model = models.create_model(info["model"], info["num_classes"], **overrides)
   with np.load(directory / "variables.npz") as z:
     variables = unflatten({k: z[k] for k in z.files})
+  family = models.model_spec(info["model"]).family
+  overrides = {**shape_overrides(variables, family), **overrides}
+  model = models.create_model(info["model"], info["num_classes"], **overrides)
   return model, variables, info
 
 
@@ -337,10 +375,11 @@ def load_stage_checkpoint(stage_dir: str | os.PathLike, which: str = "best"
                (tables.PARAMS, tables.BATCH_STATS, tables.MASKS, tables.GATES)
                if state.get(k)}
   family = models.model_spec(meta["model"]).family
-  dense = [l for l in tables.find_layers(variables, family) if l.kind == "dense"]
+  found = tables.find_layers(variables, family)
+  dense = [l for l in found if l.kind == "dense"]
   num_classes = int(tables.get_path(variables[tables.PARAMS],
                                 dense[-1].path + ("kernel",)).shape[1])
-  overrides: dict[str, Any] = {}
+  overrides: dict[str, Any] = shape_overrides(variables, family)
   if tables.GATES in variables:
     overrides["groups"] = int(next(iter(flatten(
         variables[tables.GATES]).values())).shape[0])

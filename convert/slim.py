@@ -54,6 +54,7 @@ from models import cifar_resnet, resnet, swin, vgg, vit
 from models.graph import Graph as ModelStructure
 from models.graph import LayerInfo
 from models.paths import Path
+from models.layers import input_channels
 
 FAMILIES = ("resnet", "vgg", "vit", "swin")
 TORCHSCRIPT, PROGRAM, STATE_DICT, REFERENCE_IO = (
@@ -377,9 +378,10 @@ def _slim_transformer(model: Any, variables: Mapping[str, Any],
 
 
 # ------------------------------------------------------------------ export
-def _example(module: nn.Module, batch: int, image_size: int) -> torch.Tensor:
+def _example(module: nn.Module, batch: int, image_size: int,
+             channels: int) -> torch.Tensor:
   dtype = next(module.parameters()).dtype
-  return torch.zeros(batch, 3, image_size, image_size, dtype=dtype)
+  return torch.zeros(batch, channels, image_size, image_size, dtype=dtype)
 
 
 def export_ddrop(model: Any, variables: Mapping[str, Any],
@@ -466,7 +468,8 @@ def write_module(module: nn.Module, model: Any, variables: Mapping[str, Any],
   torchscript, program_name, state_dict = names
   out_dir = pathlib.Path(out_dir)
   if images is None:
-    images = dsp.random_images(num_images, image_size, seed)
+    images = dsp.random_images(num_images, image_size, seed,
+                               input_channels(model))
   want = jax_side.logits(model, variables, images)
   diffs = {"module": dsp.check_logits(
       "converted module", dsp.torch_logits(module, images), want, atol)}
@@ -476,7 +479,8 @@ def write_module(module: nn.Module, model: Any, variables: Mapping[str, Any],
                          images_nchw=images.transpose(0, 3, 1, 2),
                          logits=want))}
   with torch.no_grad():
-    traced = torch.jit.trace(module, _example(module, 1, image_size),
+    traced = torch.jit.trace(module, _example(module, 1, image_size,
+                                              images.shape[-1]),
                              check_trace=False)
   files[torchscript] = jax_side.atomic_write(
       out_dir / torchscript, lambda f: torch.jit.save(traced, f))
@@ -485,7 +489,7 @@ def write_module(module: nn.Module, model: Any, variables: Mapping[str, Any],
   if program:
     # Batch 2 in the example: a size-1 dimension would be specialised.
     ep = torch.export.export(
-        module, (_example(module, 2, image_size),),
+        module, (_example(module, 2, image_size, images.shape[-1]),),
         dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
     files[program_name] = jax_side.atomic_write(
         out_dir / program_name, lambda f: torch.export.save(ep, f))

@@ -45,6 +45,7 @@ import models
 from models import graph as graph_lib
 from models import paths
 from models import pruning
+from models.layers import input_channels
 
 Path = tuple[str, ...]
 
@@ -99,9 +100,10 @@ class DdropLayer:
 def _input_shape(model: Any, input_shape: Sequence[int] | None
                  ) -> tuple[int, int, int]:
   if input_shape is None:
-    size = getattr(models.unwrap(model), "image_size", None) or 32
+    plain = models.unwrap(model)
+    size = getattr(plain, "image_size", None) or 32
     size = (size, size) if isinstance(size, int) else tuple(size)
-    return (*size, 3)
+    return (*size, input_channels(plain))
   shape = tuple(int(s) for s in input_shape)
   if len(shape) == 4:
     shape = shape[1:]

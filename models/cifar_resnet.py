@@ -77,7 +77,9 @@ class CifarResNet(nn.Module):
     depth: network depth, 6n+2.
     num_classes: classifier outputs.
     widths: channels of the stem and of the three stages.
+    image_size: expected input height/width; None accepts any size.
     param_dtype: dtype of the variables (float64 for parity checks).
+    in_channels: image channels of the input (3: RGB; 1: grey images).
   """
 
   depth: int = 20
@@ -85,12 +87,14 @@ class CifarResNet(nn.Module):
   widths: tuple[int, int, int] = (16, 32, 64)
   image_size: int | None = 32
   param_dtype: Any = jnp.float32
+  in_channels: int = 3
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     if (self.depth - 2) % 6 or self.depth < 8:
       raise ValueError(f"CifarResNet depth must be 6n+2 >= 8, got {self.depth}")
-    layers.check_input(x, 3, self.image_size, f"CifarResNet-{self.depth}")
+    layers.check_input(x, self.in_channels, self.image_size,
+                       f"CifarResNet-{self.depth}")
     n = (self.depth - 2) // 6
     pd = self.param_dtype
     x = layers.Conv(self.widths[0], 3, 1, 1, name="conv_1_3x3",

@@ -145,7 +145,7 @@ def dsp_measure(struct: graph_lib.Graph,
 
 
 def report(model, variables: Mapping[str, Any],
-           image_size: int | Sequence[int] = 32, channels: int = 3,
+           image_size: int | Sequence[int] = 32, channels: int | None = None,
            remove_dead: bool = False) -> FlopsReport:
   """DSP's measure and the whole-model counts for ``model`` under its masks.
 
@@ -154,7 +154,7 @@ def report(model, variables: Mapping[str, Any],
     variables: its variables; ``params`` is required, ``masks`` optional
       (abstract ``jax.eval_shape`` leaves count as dense).
     image_size: input height = width, or (height, width).
-    channels: image channels.
+    channels: image channels (None: the model's).
     remove_dead: also count the filters of dead channels
       (``models.dead_channels``, propagated to a fixed point) as removed,
       in both measures.

@@ -168,6 +168,18 @@ class LayerNorm(nn.Module):
     return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
+def input_channels(model: nn.Module) -> int:
+  """Image channels ``model`` takes: its ``in_channels``, else 3 (RGB).
+
+  Args:
+    model: a Flax module (a zoo model, or any model taking NHWC images).
+
+  Returns:
+    The channel count of its input images.
+  """
+  return int(getattr(model, "in_channels", 3))
+
+
 def check_input(x: Array, channels: int, size: int | Sequence[int] | None,
                 model: str) -> None:
   """Raise a clear error when ``x`` is not an NHWC image batch of the right size."""

@@ -129,6 +129,7 @@ class ResNet(nn.Module):
       widths (used by the tiny test variant).
     image_size: expected input height/width; None accepts any size.
     param_dtype: dtype of the variables (float64 for parity checks).
+    in_channels: image channels of the input (3: RGB; 1: grey images).
   """
 
   block: str = "basic"
@@ -139,6 +140,7 @@ class ResNet(nn.Module):
   widths: Sequence[int] | None = None
   image_size: int | None = None
   param_dtype: Any = jnp.float32
+  in_channels: int = 3
 
   def stage_widths(self) -> tuple[int, ...]:
     """The ``planes`` of each stage."""
@@ -172,7 +174,7 @@ class ResNet(nn.Module):
     self._validate()
     widths = self.stage_widths()
     depth = sum(self.stage_sizes) * (2 if self.block == "basic" else 3) + 2
-    layers.check_input(x, 3, self.image_size,
+    layers.check_input(x, self.in_channels, self.image_size,
                        f"ResNet-{depth} ({self.stem} stem)")
     pd = self.param_dtype
     if self.stem == "imagenet":

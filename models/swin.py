@@ -204,6 +204,7 @@ class SwinTransformer(nn.Module):
     num_classes: head outputs.
     mlp_scale: add DDROP's ``dummy_norm`` after every ``fc1``.
     param_dtype: dtype of the variables.
+    in_channels: image channels of the input (3: RGB; 1: grey images).
   """
 
   image_size: int | None = 224
@@ -216,6 +217,7 @@ class SwinTransformer(nn.Module):
   num_classes: int = 1000
   mlp_scale: bool = False
   param_dtype: Any = jnp.float32
+  in_channels: int = 3
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -224,7 +226,7 @@ class SwinTransformer(nn.Module):
       raise ValueError(f"{name}: depths {tuple(self.depths)} and num_heads "
                        f"{tuple(self.num_heads)} differ in length")
     check_divisible(name, self.image_size, self.patch_size, self.window_size)
-    layers.check_input(x, 3, self.image_size, name)
+    layers.check_input(x, self.in_channels, self.image_size, name)
     if self.image_size is None:
       for size in x.shape[1:3]:
         check_divisible(name, size, self.patch_size, self.window_size)

@@ -168,6 +168,7 @@ class VGG(nn.Module):
     image_size: expected input height/width; None accepts any size that
       survives the max-pools.
     param_dtype: dtype of the variables (float64 for parity checks).
+    in_channels: image channels of the input (3: RGB; 1: grey images).
   """
 
   config: Sequence[int | str] = CONFIGS[16]
@@ -179,6 +180,7 @@ class VGG(nn.Module):
   pool_size: int = 7
   image_size: int | None = None
   param_dtype: Any = jnp.float32
+  in_channels: int = 3
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -189,7 +191,7 @@ class VGG(nn.Module):
       raise ValueError("VGG.config must hold positive conv widths and 'M', "
                        f"got {tuple(self.config)}")
     name = f"VGG-{len(convs) + 3}-bn ({self.head} head)"
-    layers.check_input(x, 3, self.image_size, name)
+    layers.check_input(x, self.in_channels, self.image_size, name)
     pools = sum(v == "M" for v in self.config)
     if min(x.shape[1:3]) < 2**pools:
       raise ValueError(

@@ -125,6 +125,7 @@ class VisionTransformer(nn.Module):
     num_classes: head outputs.
     mlp_scale: add DDROP's ``dummy_norm`` after every ``fc1``.
     param_dtype: dtype of the variables.
+    in_channels: image channels of the input (3: RGB; 1: grey images).
   """
 
   image_size: int = 224
@@ -136,15 +137,16 @@ class VisionTransformer(nn.Module):
   num_classes: int = 1000
   mlp_scale: bool = False
   param_dtype: Any = jnp.float32
+  in_channels: int = 3
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     name = f"ViT (patch {self.patch_size})"
     check_divisible(name, self.image_size, self.patch_size)
-    layers.check_input(x, 3, self.image_size, name)
+    layers.check_input(x, self.in_channels, self.image_size, name)
     dt = self.param_dtype
     p = self.patch_size
-    fan_in = 3 * p * p
+    fan_in = self.in_channels * p * p
     x = layers.Conv(self.hidden_dim, p, p, 0, use_bias=True,
                     kernel_init=nn.initializers.truncated_normal(
                         math.sqrt(1.0 / fan_in)),

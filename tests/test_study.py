@@ -19,6 +19,7 @@ from models import flops
 from training import baselines
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+METHODS = ("dsp", "ddrop", "slim", "l1", "random")
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +107,17 @@ def test_study_quick_writes_results_and_plot(tmp_path):
   out = tmp_path / "study"
   subprocess.run([sys.executable, str(ROOT / "bench" / "study.py"), "--out",
                   str(out), "--quick", "--models", "cifar_resnet8",
-                  "--targets", "50"], check=True, cwd=ROOT)
+                  "--targets", "50", "--arms", *METHODS], check=True,
+                 cwd=ROOT)
   data = json.loads((out / "results.json").read_text())
   runs = data["runs"]
   targets = data["setting"]["targets"]
   got = {(r["method"], r["target"]) for r in runs}
-  assert got == {("dense", 0.0)} | {(m, t) for m in
-                                    ("dsp", "ddrop", "l1", "random")
-                                    for t in targets}
+  assert got == {("dense", 0.0)} | {(m, t) for m in METHODS for t in targets}
   for r in runs:
-    assert 0.0 <= r["acc_before_ft"] <= 1.0 and 0.0 <= r["acc_after_ft"] <= 1
+    for k in ("acc_before_ft", "acc_after_ft", "val_before_ft",
+              "val_after_ft"):
+      assert 0.0 <= r[k] <= 1.0, (k, r)
     assert r["macs"] <= r["macs_dense"] and r["seconds"] > 0
     for k in ("pflops_whole_model", "pparams_whole_model", "dsp_pflops",
               "dsp_pparams"):
@@ -126,7 +128,7 @@ def test_study_quick_writes_results_and_plot(tmp_path):
   amounts = {(r["target"], r["amount"]) for r in runs if "amount" in r}
   assert len(amounts) == len(targets)  # DDROP, L1, random: one amount each
   phases = {s["phase"] for s in data["shared"]}
-  assert phases == {"pretrain", "plain", "ddrop", "group"}
+  assert phases == {"pretrain", "plain", "ddrop", "slim", "group"}
   png = (out / "accuracy_vs_flops.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
   assert "| DSP |" in (out / "table.md").read_text()

@@ -7,7 +7,9 @@ cropping, flipping or resizing at evaluation.
 ``cifar_augment`` follows torchvision's ``RandomCrop(32, padding=4)`` +
 ``RandomHorizontalFlip()`` on the PIL image followed by ``ToTensor`` and
 ``Normalize``: the padding is zeros in pixel space (black), applied before
-normalisation, so padded pixels normalise to ``-mean/std``.
+normalisation, so padded pixels normalise to ``-mean/std``. The padding is
+the dataset's (``DatasetInfo.crop_pad``: 4 for the 32x32 datasets, 2 for
+Fashion-MNIST's 28x28, i.e. ``RandomCrop(28, padding=2)``).
 """
 
 from __future__ import annotations

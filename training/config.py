@@ -73,7 +73,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "dsp": ("pretrain", "group", "prune_finetune", "pack"),
     "ddrop": ("before", "ddrop", "prune", "finetune", "pack"),
 }
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet2012")
+DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagenet2012")
 IMAGEFOLDER_PREFIX = "imagefolder:"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "dsp_step", "cosine_epoch", "onecycle",
@@ -173,6 +173,18 @@ def _index_list(value: str) -> str | None:
   return None
 
 
+def _widths(value: str) -> str | None:
+  parts = [v.strip() for v in value.split(",")] if value.strip() else []
+  if not all(p.isdigit() and int(p) > 0 for p in parts):
+    return f"needs comma-separated positive integers, got {value!r}"
+  return None
+
+
+def parse_widths(value: str) -> tuple[int, ...]:
+  """The ``widths`` field as a tuple (empty when '')."""
+  return tuple(int(v) for v in value.split(",")) if value.strip() else ()
+
+
 def _prob_pair(value: tuple[float, float]) -> str | None:
   if value[0] > value[1]:
     return f"needs min <= max, got {value}"
@@ -189,7 +201,9 @@ SCHEMA: dict[str, Any] = {
                  "report); the --workdir flag overrides it."),
     "seed": F(42, "Random seed (init, data order, augmentation).", min=0),
     # Data.
-    "dataset": F("digits", "Dataset name: digits, cifar10, cifar100, or "
+    "dataset": F("digits", "Dataset name: digits, cifar10, cifar100, "
+                 "fashion_mnist (28x28x1, from the four IDX files in data_dir "
+                 "or /usr/share/datasets/fashion-mnist), or "
                  "tfds:<name> (an array_record tfds dataset in data_dir); "
                  "encoded images: imagenet2012 (tfds's, prepared in "
                  "array_record in data_dir) or imagefolder:<path> (a "
@@ -239,6 +253,10 @@ SCHEMA: dict[str, Any] = {
     "width_factor": F(0, "Width factor f of the CIFAR torchvision-layout "
                       "ResNets (stages 8f..64f); 0 = the reference's rule: 2 "
                       "for cifar100, 1 otherwise.", min=0),
+    "widths": F("", "Channel widths of a ResNet's stages, comma-separated "
+                "(DSP's CIFAR ResNets: three, the first also the stem's; "
+                "ResNet-20: 16,32,64); '' = the registry model's.",
+                check=_widths),
     "dtype": F("float32", "Compute dtype of the inputs/activations.", DTYPES),
     "init_from": F("", "Pretrained start of every pipeline (local, never "
                    "downloaded): a torchvision state dict (ResNet, VGG-bn, "

@@ -9,6 +9,11 @@ Names accepted by every function (``DATASETS``):
   official archives (``cifar-10-python.tar.gz`` ... see
   ``training.datasets.cifar``) that the user puts in ``manual_dir``, in
   ``data_dir`` or in ``<data_dir>/downloads/manual``.
+* ``"fashion_mnist"``: splits ``train``/``test`` (60,000/10,000, 28x28x1),
+  prepared from the four official IDX files (``train-images-idx3-ubyte.gz``
+  ... see ``training.datasets.fashion_mnist``) found in the same folders or,
+  after them, in ``/usr/share/datasets/fashion-mnist`` (Debian's
+  ``dataset-fashion-mnist``).
 * ``"tfds:<name>"``: any tfds dataset the user already prepared in the
   ``array_record`` format under ``data_dir`` (e.g. ``"tfds:cifar10"``, prepared
   elsewhere with ``tfds build cifar10 --file_format=array_record``); it is
@@ -26,14 +31,17 @@ JPEG bytes of any size, and the loaders take host transforms
 (``training.transforms``: decode, crop, resize, augment) that turn them into
 fixed-size uint8 images.
 
-Which data ``"cifar10"``/``"cifar100"`` read (first rule that applies):
-1. the project's dataset (``dsp_ddrop_cifar10``/``dsp_ddrop_cifar100``)
-   already prepared under ``data_dir``;
-2. an official archive found in the folders above (prepared on first use);
-3. tfds's stock ``cifar10``/``cifar100`` already prepared under ``data_dir``
-   in ``array_record`` format;
-4. otherwise preparing fails with a message naming the expected archive files
-   and the folders searched.
+Which data ``"cifar10"``/``"cifar100"``/``"fashion_mnist"`` read (first
+rule that applies):
+1. the project's dataset (``dsp_ddrop_<name>``) already prepared under
+   ``data_dir``;
+2. the official files found in the folders above (prepared on first use;
+   every file is checked completely before anything is written, so a corrupt
+   one leaves nothing behind);
+3. tfds's stock dataset of that name already prepared under ``data_dir`` in
+   ``array_record`` format;
+4. otherwise preparing fails with a message naming the expected files and
+   the folders searched.
 
 ``data_dir`` defaults to ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
 Datasets are prepared on first use (``prepare`` does it explicitly; it is
@@ -71,6 +79,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from training import datasets
+from training.datasets import fashion_mnist
 
 # Per-channel statistics on the 0..1 scale. CIFAR: the DSP reference values
 # (specs/dsp.md §1), used for CIFAR-100 as well.
@@ -81,17 +90,25 @@ _BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "digits": datasets.Digits,
     "cifar10": datasets.Cifar10,
     "cifar100": datasets.Cifar100,
+    "fashion_mnist": datasets.FashionMnist,
 }
 _NOMINAL_SPLITS = {
     "digits": datasets.DIGITS_SPLITS,
     "cifar10": datasets.CIFAR_SPLITS,
     "cifar100": datasets.CIFAR_SPLITS,
+    "fashion_mnist": datasets.FASHION_MNIST_SPLITS,
 }
 _STATS = {
     "digits": (datasets.DIGITS_MEAN, datasets.DIGITS_STD),
     "cifar10": (CIFAR_MEAN, CIFAR_STD),
     "cifar100": (CIFAR_MEAN, CIFAR_STD),
+    "fashion_mnist": (datasets.FASHION_MNIST_MEAN, datasets.FASHION_MNIST_STD),
 }
+# Zero padding of the training random crop: CIFAR's 4 pixels of 32 for the
+# 32x32 datasets; 2 of Fashion-MNIST's 28 (the same fraction, about 1/8 of
+# the side, as the usual Fashion-MNIST recipes pad).
+_CROP_PAD = {"fashion_mnist": 2}
+DEFAULT_CROP_PAD = 4
 TFDS_PREFIX = "tfds:"
 DATASETS = tuple(_BUILDERS) + (TFDS_PREFIX + "<name>", datasets.IMAGENET2012,
                                 datasets.IMAGEFOLDER_PREFIX + "<path>")
@@ -118,6 +135,7 @@ class DatasetInfo:
     std: per-channel standard deviation on the 0..1 scale.
     hflip: whether a horizontal flip keeps the label (training augmentation
       flips only then; a mirrored digit is a different glyph).
+    crop_pad: zero padding (pixels per side) of the training random crop.
     encoded: records hold encoded images of any size; the host transforms
       of ``training.transforms`` decode, crop and augment them (to
       ``image_size``), and the device step only normalises.
@@ -134,6 +152,7 @@ class DatasetInfo:
   hflip: bool = True
   encoded: bool = False
   eval_split: str = "test"
+  crop_pad: int = DEFAULT_CROP_PAD
 
 
 # Datasets whose labels a horizontal flip would change.
@@ -146,9 +165,36 @@ def default_data_dir() -> str:
       "~/tensorflow_datasets")
 
 
-def _archive_dirs(data_dir: str, manual_dir: str | None) -> list[str]:
+def _archive_dirs(name: str, data_dir: str, manual_dir: str | None
+                  ) -> list[str]:
+  """Folders searched for ``name``'s official files, in order."""
   dirs = [manual_dir] if manual_dir else []
-  return dirs + [data_dir, os.path.join(data_dir, "downloads", "manual")]
+  dirs += [data_dir, os.path.join(data_dir, "downloads", "manual")]
+  if name == "fashion_mnist":
+    dirs.append(datasets.FASHION_MNIST_DIR)
+  return dirs
+
+
+def _find_local(name: str, archive_dirs: Sequence[str]) -> Any:
+  """The official files of ``name`` in ``archive_dirs``, or None."""
+  if name == "fashion_mnist":
+    return fashion_mnist.find_files(archive_dirs)
+  return datasets.find_archive(name, archive_dirs)
+
+
+def _check_local(name: str, archive_dirs: Sequence[str]) -> None:
+  """Raises the error that preparing ``name`` would meet, before tfds
+  starts: it would announce a download and leave an empty dataset folder
+  behind."""
+  found = _find_local(name, archive_dirs)
+  if found is None:
+    if name == "fashion_mnist":
+      raise FileNotFoundError(fashion_mnist.missing_files_message(
+          archive_dirs))
+    raise FileNotFoundError(datasets.missing_archive_message(
+        name, archive_dirs) + " Or set data_dir to the folder holding it.")
+  if name == "fashion_mnist":
+    fashion_mnist.check_files(found)
 
 
 def _builder(name: str, data_dir: str | None,
@@ -163,13 +209,13 @@ def _builder(name: str, data_dir: str | None,
     return _encoded_builder(name, data_dir, strict)
   if name not in _BUILDERS:
     raise ValueError(f"Unknown dataset {name!r}; valid: {list(DATASETS)}.")
-  archive_dirs = _archive_dirs(data_dir, manual_dir)
+  archive_dirs = _archive_dirs(name, data_dir, manual_dir)
   own_kwargs = dict(data_dir=data_dir, file_format="array_record")
   if name != "digits":
     own_kwargs["archive_dirs"] = archive_dirs
   own = _BUILDERS[name](**own_kwargs)
   if (name == "digits" or _prepared(own)
-      or datasets.find_archive(name, archive_dirs) is not None):
+      or _find_local(name, archive_dirs) is not None):
     return own
   stock = tfds.builder(name, data_dir=data_dir)
   if _prepared(stock) and _is_array_record(stock):
@@ -221,15 +267,18 @@ def prepare(name: str, data_dir: str | None = None, *,
   Args:
     name: one of ``DATASETS``.
     data_dir: tfds data dir; defaults to ``default_data_dir()``.
-    manual_dir: extra folder searched first for the CIFAR archives.
+    manual_dir: extra folder searched first for the CIFAR archives and the
+      Fashion-MNIST files.
     strict: ``imagefolder:``: an undecodable image fails preparation
       (``CorruptImageError`` naming the file) instead of being skipped and
       counted.
 
   Raises:
-    FileNotFoundError: a CIFAR archive is missing (the message names the
-      files and folders), or a ``tfds:`` dataset is not prepared.
-    ValueError: unknown name, or a ``tfds:`` dataset not in array_record.
+    FileNotFoundError: a CIFAR archive or Fashion-MNIST file is missing (the
+      message names the files and folders), or a ``tfds:`` dataset is not
+      prepared.
+    ValueError: unknown name, a ``tfds:`` dataset not in array_record, or a
+      corrupt Fashion-MNIST file (named, with what is wrong).
   """
   builder = _builder(name, data_dir, manual_dir, strict)
   if _prepared(builder):
@@ -246,14 +295,9 @@ def prepare(name: str, data_dir: str | None = None, *,
         "other than the built-in ones are read, not prepared, here: build it "
         f"with `tfds build {builder.name} --file_format=array_record "
         f"--data_dir={data_dir or default_data_dir()}` first.")
-  if name in datasets.CIFAR_ARCHIVES:
-    # Checked before tfds starts: it would announce a download and leave an
-    # empty dataset folder behind.
-    dirs = _archive_dirs(os.path.expanduser(data_dir or default_data_dir()),
-                         manual_dir)
-    if datasets.find_archive(name, dirs) is None:
-      raise FileNotFoundError(datasets.missing_archive_message(name, dirs)
-                              + " Or set data_dir to the folder holding it.")
+  if name in datasets.CIFAR_ARCHIVES or name == "fashion_mnist":
+    _check_local(name, _archive_dirs(
+        name, os.path.expanduser(data_dir or default_data_dir()), manual_dir))
   # tfds announces "Downloading and preparing dataset ..."; nothing is
   # downloaded here, so say what happens instead.
   print(f"preparing {name} once in {builder.data_dir} (from local files; "
@@ -458,11 +502,8 @@ def get_info(name: str, data_dir: str | None = None, *,
   if validation_from_train:
     train_idx, holdout_idx = _carve(splits["train"], validation_from_train)
     splits["train"], splits[HOLDOUT_SPLIT] = len(train_idx), len(holdout_idx)
-  image_key, label_key = _label_keys(builder)
-  shape = builder.info.features[image_key].shape
-  if len(shape) != 3 or shape[0] != shape[1]:
-    raise ValueError(f"{name!r}: feature {image_key!r} has shape {shape}; "
-                     "square HWC images are expected.")
+  _, label_key = _label_keys(builder)
+  shape = _image_shape(name, builder)
   stock_name = name[len(TFDS_PREFIX):] if name.startswith(TFDS_PREFIX) else name
   if stock_name in _STATS:
     mean, std = _STATS[stock_name]
@@ -471,7 +512,37 @@ def get_info(name: str, data_dir: str | None = None, *,
   return DatasetInfo(
       name=name, num_classes=builder.info.features[label_key].num_classes,
       image_size=shape[0], channels=shape[2], splits=splits,
-      mean=tuple(mean), std=tuple(std), hflip=name not in _NO_HFLIP)
+      mean=tuple(mean), std=tuple(std), hflip=name not in _NO_HFLIP,
+      crop_pad=_CROP_PAD.get(stock_name, DEFAULT_CROP_PAD))
+
+
+def _image_shape(name: str, builder: tfds.core.DatasetBuilder
+                 ) -> tuple[int, int, int]:
+  image_key, _ = _label_keys(builder)
+  shape = tuple(builder.info.features[image_key].shape)
+  if len(shape) != 3 or shape[0] != shape[1]:
+    raise ValueError(f"{name!r}: feature {image_key!r} has shape {shape}; "
+                     "square HWC images are expected.")
+  return shape
+
+
+def image_shape(name: str, data_dir: str | None = None,
+                image_size: int = 224) -> tuple[int, int, int]:
+  """``(height, width, channels)`` of the images a model of ``name`` takes.
+
+  Reads the dataset's declared features only: nothing is prepared or read.
+
+  Args:
+    name: one of ``DATASETS``.
+    data_dir: tfds data dir; defaults to ``default_data_dir()``.
+    image_size: encoded datasets: the size the host transforms produce.
+
+  Returns:
+    The NHWC image shape without the batch axis.
+  """
+  if is_encoded(name):
+    return (image_size, image_size, 3)
+  return _image_shape(name, _builder(name, data_dir))
 
 
 def _encoded_info(name: str, data_dir: str | None, image_size: int,

@@ -220,7 +220,11 @@ def build_model(config: Mapping[str, Any], num_classes: int,
   """The config's model, for every pipeline.
 
   The CIFAR torchvision-layout ResNets take ``width_factor`` (0: 2 for
-  CIFAR-100 and 1 otherwise, as the DDROP reference does).
+  CIFAR-100 and 1 otherwise, as the DDROP reference does), the ResNets
+  ``widths`` (e.g. the half-width ResNet-20 ``8,16,32``). The model takes
+  the dataset's images: its ``image_size`` and ``in_channels`` are set from
+  them where they differ from the registry's defaults (Fashion-MNIST:
+  28x28x1).
 
   Args:
     config: the run config (``model``, ``model_args``).
@@ -241,9 +245,22 @@ def build_model(config: Mapping[str, Any], num_classes: int,
     raise config_lib.ConfigError(
         f"width_factor: only the CIFAR ResNets cifar_resnet18/34/50 take a "
         f"width factor, not {name!r}; leave it at 0")
-  if data.is_encoded(config["dataset"]) and spec.family != models.GENERIC:
-    # The host transforms crop every image to image_size.
-    overrides.setdefault("image_size", config["image_size"])
+  widths = config_lib.parse_widths(config["widths"])
+  if widths:
+    if spec.family not in ("cifar_resnet", "resnet"):
+      raise config_lib.ConfigError(
+          f"widths: only the ResNets take widths, not {name!r}; leave it ''")
+    overrides.setdefault("widths", widths)
+  if spec.family != models.GENERIC:
+    # The model takes the dataset's images (encoded ones: the host
+    # transforms crop every one to image_size).
+    size, _, channels = data.image_shape(config["dataset"],
+                                         config["data_dir"] or None,
+                                         config["image_size"])
+    if size != spec.image_size:
+      overrides.setdefault("image_size", size)
+    if channels != 3:
+      overrides.setdefault("in_channels", channels)
   if config["method"] == "ddrop" and spec.family in TRANSFORMER_FAMILIES:
     # DDROP acts on a per-unit scale after every MLP's first Linear.
     overrides.setdefault("mlp_scale", True)

@@ -49,8 +49,9 @@ def preprocess(rng: jax.Array | None, images: jax.Array, info: Any,
   """uint8 NHWC images -> normalised float images (augmented when rng).
 
   Args:
-    rng: augmentation key (random crop with 4-pixel padding, + horizontal
-      flip where ``info.hflip``), or None for evaluation.
+    rng: augmentation key (random crop with ``info.crop_pad`` pixels of
+      zero padding, 4 when it has none, + horizontal flip where
+      ``info.hflip``), or None for evaluation.
     images: uint8 [B, H, W, C].
     info: the dataset's ``DatasetInfo`` (``mean``, ``std``).
     dtype: output dtype.
@@ -61,7 +62,9 @@ def preprocess(rng: jax.Array | None, images: jax.Array, info: Any,
   from training import augment  # Lazily: only steps need it.
   # Encoded datasets were cropped and augmented by the host transforms.
   if rng is not None and not getattr(info, "encoded", False):
-    images = augment.cifar_augment(rng, images, flip=info.hflip)
+    images = augment.cifar_augment(rng, images,
+                                   getattr(info, "crop_pad", 4),
+                                   flip=info.hflip)
   return augment.normalize(images, info.mean, info.std, dtype=dtype)
 
 

@@ -39,6 +39,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from models.graph import program as prog
+from models.layers import input_channels
 from models.graph import walk
 
 Path = tuple[str, ...]
@@ -497,7 +498,7 @@ def _takes_part(r: dict, path: Path, outputs, mixing) -> bool:
 
 
 def analyze(model, image_size: int | Sequence[int] = 32,
-            channels: int = 3) -> Graph:
+            channels: int | None = None) -> Graph:
   """The traced graph of ``model`` for one ``image_size`` image.
 
   The result is cached per (model, shape); Flax modules are hashable
@@ -509,7 +510,7 @@ def analyze(model, image_size: int | Sequence[int] = 32,
     model: a Flax Linen module called as ``model.apply(variables, x)`` (with
       ``train=False`` when its ``__call__`` takes ``train``) on NHWC images.
     image_size: height = width, or (height, width).
-    channels: image channels.
+    channels: image channels (None: the model's, ``layers.input_channels``).
 
   Returns:
     The ``Graph``.
@@ -524,6 +525,8 @@ def analyze(model, image_size: int | Sequence[int] = 32,
     raise ValueError(f"image_size must be an int or (height, width), got "
                      f"{image_size!r}")
   model = hashable(getattr(model, "plain_model", model))
+  if channels is None:
+    channels = input_channels(model)
   return _analyze(model, hw, int(channels))
 
 
