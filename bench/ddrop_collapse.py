@@ -154,7 +154,7 @@ def start_accuracy(runner: study.Runner, pre, name: str) -> float:
   layers = runner.layers(dense_drop=cfg.dense_drop)
   extra = {}
   if kind == "ddrop":
-    stats = ddrop_jax.init_stats(layers) if cfg.criterion == "activation" \
+    stats = ddrop_jax.init_stats(layers) if cfg.importance == "activation" \
         else None
     extra = {"ddrop": ddrop_jax.keep_probabilities(
         pre["params"], stats, cfg.total_steps, cfg, layers,

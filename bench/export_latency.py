@@ -54,6 +54,8 @@ import dsp_jax  # noqa: E402
 import models  # noqa: E402
 from convert import dsp, dsp_torch, fast, fast_jax, fast_specs  # noqa: E402
 from convert import jax_side, slim  # noqa: E402
+from convert import writer
+from training import artifacts
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 RELEASED = SHARED / "reference" / "dsp_checkpoints" / "resnet56_g3.pt"
@@ -68,14 +70,14 @@ def dsp_quickstart_like(groups: int, rate: float, seed: int = 0
     its random variables and the pruned ones (``masks`` of ``dsp_jax.prune``).
   """
   grouped = models.create_model("cifar_resnet20", 10, groups=groups)
-  v = jax_side.random_variables(grouped, seed)
+  v = artifacts.random_variables(grouped, seed)
   info = dsp_jax.analyze(grouped, (32, 32, 3))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the search's non-monotone-β warning.
     res = dsp_jax.prune(v["params"], v["gates"], info, groups=groups,
                         rate=rate)
   dense = {"params": v["params"], "batch_stats": v["batch_stats"]}
-  masked = jax_side.to_numpy_tree({"params": res.params,
+  masked = artifacts.to_numpy_tree({"params": res.params,
                                    "batch_stats": v["batch_stats"],
                                    "masks": res.masks})
   return models.create_model("cifar_resnet20", 10), dense, masked
@@ -120,8 +122,8 @@ def released_case(path: pathlib.Path, out: pathlib.Path, tune: bool
   spec = fast_specs.from_packed(plan, name)
   dense_v = {k: masked[k] for k in ("params", "batch_stats")}
   dense = fast_specs.from_packed(jax_side.plan_from_variables(dense_v), name)
-  x = dsp.random_images(4)
-  r = fast.export_fast(spec, out, x, jax_side.logits(model, masked, x),
+  x = writer.random_images(4)
+  r = fast.export_fast(spec, out, x, artifacts.logits(model, masked, x),
                        tune=tune, program=False)
   print(f"{path.stem}: {r.notes[-1]}; max |logits diff| "
         f"{max(r.max_abs_diff.values()):.2g}")
@@ -165,8 +167,8 @@ def dsp_case(groups: int, rate: float, out: pathlib.Path, tune: bool
 def ddrop_case(name: str, amount: float, out: pathlib.Path, tune: bool
                ) -> tuple[dict[str, Any], dict[str, Callable], float]:
   model = models.create_model(name, 10)
-  dense_v = jax_side.random_variables(model, 0)
-  masked = jax_side.to_numpy_tree(ddrop_jax.prune(
+  dense_v = artifacts.random_variables(model, 0)
+  masked = artifacts.to_numpy_tree(ddrop_jax.prune(
       dense_v, ddrop_jax.ddrop_layers(model),
       ddrop_jax.DdropConfig(amount=amount)))
   r = slim.export_ddrop(model, masked, out, program=False,
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         rows, jrows, macs = ddrop_case(CASES[case], args.amount, out,
                                        args.tune)
       binds = {k: torch_forward(m) for k, m in rows.items()} | jrows
-      times = {b: interleaved(binds, dsp.random_images(b, 32, seed=b),
+      times = {b: interleaved(binds, writer.random_images(b, 32, seed=b),
                               args.warmup, args.repeats)
                for b in args.batches}
       for k in binds:

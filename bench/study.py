@@ -660,7 +660,7 @@ def study_model(args, name: str, seed: int, results: Results) -> None:
     if slimmed is not None:
       # Network slimming: the smallest |gamma| after the L1 phase.
       record("slim", target, f"slim_{tag}", ddrop_jax.prune(
-          slimmed, layers, dataclasses.replace(cfg, criterion="abs_gamma")),
+          slimmed, layers, dataclasses.replace(cfg, importance="norm")),
              False, extra)
     if "l1" in args.arms:
       record("l1", target, f"l1_{tag}", baselines.prune(

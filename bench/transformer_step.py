@@ -35,6 +35,7 @@ import models  # noqa: E402
 from training import mesh as mesh_lib  # noqa: E402
 from training import state as state_lib  # noqa: E402
 from training import steps  # noqa: E402
+from training import artifacts
 from training.data import DatasetInfo  # noqa: E402
 
 SIZE = 224
@@ -72,13 +73,13 @@ def export_latency(name: str, amount: float, batches: list[int],
                    repeats: int) -> dict[str, dict[int, float]]:
   """Median ms per call of dense and slimmed TorchScript, per batch size."""
   import torch  # pylint: disable=import-outside-toplevel
-  from convert import jax_side, slim  # pylint: disable=import-outside-toplevel
+  from convert import slim  # pylint: disable=import-outside-toplevel
   model = models.create_model(name, 1000, mlp_scale=True)
-  v = jax_side.random_variables(model, 0)
+  v = artifacts.random_variables(model, 0)
   layers = dd.ddrop_layers(model)
   out = {}
   for label, amt in (("dense", 0.0), ("slim", amount)):
-    pruned = jax_side.to_numpy_tree(dd.prune(v, layers,
+    pruned = artifacts.to_numpy_tree(dd.prune(v, layers,
                                              dd.DdropConfig(amount=amt)))
     module, summary = slim.slim(model, pruned, SIZE)
     times = {}

@@ -43,8 +43,11 @@ import torch
 from torch import nn
 
 import models
-from convert import jax_side, packing, slim
+from models.layers import input_channels
+from convert import description as desc_lib
+from convert import packing, slim, writer
 from convert.dsp_torch import to_tensor
+from training import artifacts
 
 TORCHSCRIPT, PROGRAM, STATE_DICT, BRANCHES = (
     "packed.pt", "packed.pt2", "packed_state_dict.pt", "branches.json")
@@ -179,15 +182,21 @@ def pack(model: Any, variables: Mapping[str, Any],
   size = slim._image_size(model, image_size)  # pylint: disable=protected-access
   module, summary = slim.slim(model, variables, size)
   structure = models.analyze(model, size)
-  keep = slim.kept_units(structure, jax_side.to_numpy_tree(dict(variables)))
+  keep = slim.kept_units(structure, artifacts.to_numpy_tree(dict(variables)))
   layers = []
-  folded = packing.apply_masks(jax_side.to_numpy_tree(dict(variables)))
+  folded = packing.apply_masks(artifacts.to_numpy_tree(dict(variables)))
   for l in structure.taking_part:
     if l.kind == "dense":  # a transformer MLP Linear: one compact Linear
       layers.append(_linear_entry(l, folded["params"]))
       continue
     found = _parent(module, l.name)
-    if found is None:  # the whole block went (it adds a constant)
+    if found is None:
+      # Only a block whose main branch keeps nothing (it adds a constant)
+      # may be gone; anything else is a module the names do not reach.
+      if len(keep[l.path]):
+        raise desc_lib.WidthMismatch(
+            f"{l.name}: the slimmed module has no such conv, but the pruned "
+            f"network keeps {len(keep[l.path])} of its filters")
       continue
     parent, attr = found
     cols = slim._input_cols(l, structure, keep)  # pylint: disable=protected-access
@@ -201,22 +210,12 @@ def pack(model: Any, variables: Mapping[str, Any],
   return Packed(module.eval(), layers, summary)
 
 
-@dataclasses.dataclass
-class BranchedExport:
-  """Files written by ``export_branched`` and the measured differences."""
-
-  files: dict[str, pathlib.Path]
-  max_abs_diff: dict[str, float]
-  branches: dict[str, int]
-  summary: slim.SlimSummary
-  notes: list[str] = dataclasses.field(default_factory=list)
-
-
 def export_branched(model: Any, variables: Mapping[str, Any],
                     out_dir: str | os.PathLike, image_size: int | None = None,
                     *, images: np.ndarray | None = None, num_images: int = 4,
-                    seed: int = 0, atol: float = 1e-4,
-                    program: bool = True) -> BranchedExport:
+                    seed: int = 0, atol: float = 1e-4, program: bool = True,
+                    description: desc_lib.Description | None = None
+                    ) -> writer.ExportResult:
   """Packs a DSP-pruned Flax model and writes the PyTorch files.
 
   Args:
@@ -229,26 +228,44 @@ def export_branched(model: Any, variables: Mapping[str, Any],
     seed: seed of the random images.
     atol: largest accepted |logit| difference.
     program: also write the ``torch.export`` program.
+    description: the pruned network's description (computed when None):
+      every taking-part layer's branches are checked against it.
 
   Returns:
     Paths, measured differences, branches per layer and the slimming summary.
 
   Raises:
-    convert.dsp.ConversionMismatch: a file's logits differ by more than atol.
+    convert.writer.ConversionMismatch: a file's logits differ by more than
+      atol.
+    convert.description.WidthMismatch: a layer missing from the module, or
+      whose kept filters differ from the description's.
   """
   size = slim._image_size(model, image_size)  # pylint: disable=protected-access
+  if description is None:
+    description = desc_lib.describe(model, variables,
+                                    (size, size, input_channels(model)))
   packed = pack(model, variables, size)
-  files, diffs = slim.write_module(
-      packed.module, model, variables, out_dir, size,
-      (TORCHSCRIPT, PROGRAM, STATE_DICT), images=images,
-      num_images=num_images, seed=seed, atol=atol, program=program)
-  text = json.dumps({"model": type(models.unwrap(model)).__name__, "image_size": size,
-                     "layers": packed.layers}, indent=1)
-  files[BRANCHES] = jax_side.atomic_write(
-      pathlib.Path(out_dir) / BRANCHES,
-      lambda f: f.write(text.encode()))
+  widths = {l["layer"]: (len(l["inputs"]), len(l["filters"]))
+            for l in packed.layers}
+  desc_lib.check_module_widths(
+      description, widths,
+      only=[l.path for l in description.graph.taking_part])
+  if images is None:
+    images = writer.random_images(num_images, size, seed,
+                                   input_channels(model))
+  want = artifacts.logits(model, variables, images)
+  names = {writer.TORCHSCRIPT: TORCHSCRIPT, writer.STATE_DICT: STATE_DICT}
+  if program:
+    names[writer.PROGRAM] = PROGRAM
+  r = writer.write(packed.module, out_dir, names, images, want, atol=atol,
+                   fresh=False)
+  text = json.dumps({"model": type(models.unwrap(model)).__name__,
+                     "image_size": size, "layers": packed.layers}, indent=1)
+  r.files[BRANCHES] = writer.save(pathlib.Path(out_dir) / BRANCHES,
+                                  lambda f: f.write(text.encode()))
   branches = {l["layer"]: len(l["branches"]) for l in packed.layers}
-  return BranchedExport(files, diffs, branches, packed.summary)
+  r.details.update(branches=branches, summary=packed.summary)
+  return r
 
 
 def family_supported(model: Any) -> bool:

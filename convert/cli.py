@@ -2,7 +2,7 @@
 
 * ``import SRC --out DIR``: a packed DSP TorchScript file (ours or a released
   one) or a reference-format / torchvision state dict -> ``DIR/variables.npz``
-  + ``DIR/model.json`` (``convert.jax_side.load_variables`` reads them back).
+  + ``DIR/model.json`` (``convert.artifacts.load_variables`` reads them back).
   State dicts of the DSP CifarResNet are recognised from their keys; other
   architectures need ``--model NAME``.
 * ``export SRC_DIR --out DIR``: a converted-variables directory or a run's
@@ -36,29 +36,17 @@ import dataclasses
 import json
 import pathlib
 import re
-import zipfile
 from typing import Any, Sequence
 
 import numpy as np
 
 import models
-from convert import (branched, dsp, fast, jax_side, preprocess, reference,
-                     slim, tables)
+from convert import (dsp, fast, formats, jax_side, preprocess, reference,
+                     tables, writer)
 from convert import transformers
+from models.layers import input_channels
+from training import artifacts
 from training import errors
-
-# Export format -> the model families it supports.
-FORMATS = {"packed": (jax_side.FAMILY,), "slim": slim.FAMILIES,
-           "branched": slim.FAMILIES}
-
-
-def is_torchscript(path: pathlib.Path) -> bool:
-  """True for a ``torch.jit.save`` archive (a zip with a ``code/`` tree)."""
-  if not zipfile.is_zipfile(path):
-    return False
-  with zipfile.ZipFile(path) as z:
-    return any("/code/__torch__/" in "/" + n for n in z.namelist())
-
 
 def infer_cifar_resnet(state_dict: dict[str, Any]) -> tuple[str, dict[str, Any], int]:
   """Registry name, overrides and classes of a reference CifarResNet state dict."""
@@ -103,10 +91,10 @@ def _from_state_dict(sd: dict[str, Any], model_name: str | None
   if family in transformers.FAMILIES:
     # torchvision or timm ViT / Swin names (convert.transformers tables).
     variables = transformers.from_torch(
-        sd, jax_side.template(model, model.image_size or 224), model,
+        sd, artifacts.template(model, model.image_size or 224), model,
         model_name)
   else:
-    variables = reference.from_reference(sd, jax_side.template(model), family)
+    variables = reference.from_reference(sd, artifacts.template(model), family)
   return model, variables, model_name, overrides
 
 
@@ -116,12 +104,12 @@ def import_file(src: str | pathlib.Path, out: str | pathlib.Path,
   src = pathlib.Path(src)
   if not src.is_file():
     raise FileNotFoundError(f"no such file: {src}")
-  if is_torchscript(src):
+  if writer.is_torchscript(src):
     r = dsp.import_packed(src)
     meta = {"source": str(src), "format": "packed TorchScript",
             "num_batches_tracked": r.num_batches_tracked,
             "max_abs_diff": r.max_abs_diff}
-    jax_side.save_variables(out, r.model_name, r.num_classes, r.overrides,
+    artifacts.save_variables(out, r.model_name, r.num_classes, r.overrides,
                             r.variables, meta)
     return {"model": r.model_name, "meta": meta}
   try:
@@ -133,118 +121,62 @@ def import_file(src: str | pathlib.Path, out: str | pathlib.Path,
   meta = {"source": str(src), "format": "state dict",
           "stage": reference.reference_stage(sd), "accuracy": acc,
           "num_batches_tracked": tables.num_batches_tracked(sd)}
-  jax_side.save_variables(out, model_name, model.num_classes, overrides,
+  artifacts.save_variables(out, model_name, model.num_classes, overrides,
                           variables, meta)
   return {"model": model_name, "meta": meta}
-
-
-def export_format(model_name: str) -> str:
-  """The export of a registry model: ``packed`` (DSP) or ``slim`` (DDROP).
-
-  Args:
-    model_name: a registry name.
-
-  Returns:
-    ``packed`` for the ``cifar_resnet`` family (DSP packing), ``slim`` for the
-    ``resnet`` / ``vgg`` families (DDROP slimming).
-
-  Raises:
-    ValueError: a family neither export supports.
-  """
-  family = models.model_spec(model_name).family
-  for fmt, families in FORMATS.items():
-    if family in families:
-      return fmt
-  raise ValueError(f"{model_name} is of family {family}; exports exist for "
-                   + "; ".join(f"{', '.join(f)} ({k})"
-                               for k, f in FORMATS.items()))
 
 
 def export_dir(source: str | pathlib.Path, out: str | pathlib.Path,
                stage: str | None = None, accuracy: float = 0.0,
                program: bool = True, which: str = "best",
                export: str | None = None, image_size: int | None = None,
-               fast_options: fast.Options | None = fast.Options()
-               ) -> (dsp.ExportResult | slim.SlimExport
-                     | branched.BranchedExport):
+               fast_options: Any = "default", fresh: bool = True
+               ) -> writer.ExportResult:
   """Exports a variables directory or a training stage directory.
 
   Args:
-    source: a ``jax_side.save_variables`` directory (``model.json``) or a
-      run's stage directory (``meta.json``, orbax checkpoints).
+    source: a ``save_variables`` directory (``model.json``) or a run's stage
+      directory (``meta.json``, orbax checkpoints).
     out: output directory.
-    stage: also write the reference-format file of this stage (``packed``
-      only: the format is DSP's CifarResNet).
+    stage: also write the reference-format file of this stage (``packed``).
     accuracy: the accuracy stored in the reference-format file.
-    program: also write the ``.pt2`` program.
+    program: also write the ``.pt2`` programs.
     which: ``best`` or ``latest`` checkpoint of a stage directory.
-    export: ``packed`` (``convert.dsp.export_packed``) or ``slim``
-      (``convert.slim.export_ddrop``); None picks by the model's family
-      (``export_format``).
+    export: one of ``convert.formats.FORMATS``, or None / ``all`` for every
+      format that applies.
     image_size: input height/width (default: the model's, or 32).
-    fast_options: how to write ``fast.pt`` / ``fast.pt2`` /
-      ``fast_plan.json`` (``convert.fast``); None skips them.
+    fast_options: ``convert.fast.Options`` for ``fast.pt`` (None skips it).
+    fresh: reload the generic files in a fresh interpreter.
 
   Returns:
-    ``dsp.ExportResult`` or ``slim.SlimExport`` (both have ``files``,
-    ``max_abs_diff`` and ``notes``).
-
-  Raises:
-    ValueError: an unknown format, a format the model's family does not
-      support, or ``stage`` with ``slim``.
+    The ``convert.writer.ExportResult`` of every written file.
   """
-  model, variables, info = jax_side.load_source(source, which)
+  model, variables, info = artifacts.load_source(source, which)
   return _export(model, variables, info, out, stage, accuracy, program, export,
-                 image_size, fast_options)
+                 image_size, fast_options, fresh)
 
 
 def _export(model: Any, variables: dict[str, Any], info: dict[str, Any],
             out: str | pathlib.Path, stage: str | None, accuracy: float,
             program: bool, export: str | None, image_size: int | None,
-            fast_options: fast.Options | None = fast.Options()
-            ) -> (dsp.ExportResult | slim.SlimExport
-                  | branched.BranchedExport):
-  if image_size and getattr(model, "image_size", None) not in (None,
-                                                               image_size):
-    # A model rebuilt from a checkpoint has the registry's input size; it
-    # is exported for the size it was trained at.
-    model = model.clone(image_size=image_size)
-  fmt = export_format(info["model"]) if export is None else export
-  if export is None and fmt == "slim" and variables.get("gates"):
-    fmt = "branched"  # DSP-pruned: its groups become branches.
-  if fmt not in FORMATS:
-    raise ValueError(f"export format must be one of {', '.join(FORMATS)}, "
-                     f"got {fmt!r}")
-  family = models.model_spec(info["model"]).family
-  if family not in FORMATS[fmt]:
-    raise ValueError(f"the {fmt} export supports the families "
-                     f"{', '.join(FORMATS[fmt])}; {info['model']} is {family}")
-  if fmt != "packed" and stage is not None:
-    raise ValueError("--stage (the reference-format state dict) belongs to "
-                     f"the packed DSP export; the {fmt} export has none")
-  if fmt == "slim":
-    return slim.export_ddrop(model, variables, out, image_size,
-                             program=program, fast_options=fast_options)
-  if fmt == "branched":
-    return branched.export_branched(model, variables, out, image_size,
-                                    program=program)
-  nbt = info.get("meta", {}).get("num_batches_tracked")
-  result = dsp.export_packed(model, variables, out, num_batches_tracked=nbt,
-                             program=program, image_size=image_size or 32,
-                             fast_options=fast_options)
-  if stage is not None:
-    sd = reference.to_reference(variables, stage, family, nbt)
-    result.files["reference"] = reference.save(
-        pathlib.Path(out) / "reference_state_dict.pkl", sd, accuracy)
-  return result
+            fast_options: Any = "default", fresh: bool = True
+            ) -> writer.ExportResult:
+  size = image_size or getattr(models.unwrap(model), "image_size",
+                               None) or 32
+  channels = input_channels(models.unwrap(model))
+  return formats.export(
+      model, variables, out, (size, size, channels),
+      formats=export or "all", stage=stage, accuracy=accuracy,
+      num_batches_tracked=info.get("meta", {}).get("num_batches_tracked"),
+      program=program, fast_options=fast_options, fresh=fresh)
 
 
 def _load_any(src: pathlib.Path, model_name: str | None
               ) -> tuple[Any, dict[str, Any], str, dict[str, Any] | None]:
   if src.is_dir():
-    model, variables, info = jax_side.load_source(src)
+    model, variables, info = artifacts.load_source(src)
     return model, variables, info["model"], None
-  if is_torchscript(src):
+  if writer.is_torchscript(src):
     r = dsp.import_packed(src)
     return r.model(), r.variables, r.model_name, dsp.branch_counts(r.plan)
   sd, _ = reference.read_state_dict(src)
@@ -253,28 +185,120 @@ def _load_any(src: pathlib.Path, model_name: str | None
 
 
 def inspect(src: str | pathlib.Path, model_name: str | None = None) -> str:
-  """Text report: layers, branches per block (packed files), FLOPs/params."""
+  """Text report of a variables/run directory or of any file ``export``
+  writes: summary first, then the layers (and branches of packed files).
+
+  Args:
+    src: a directory (variables, stage or run), a packed DSP TorchScript
+      file, a reference-format or torchvision state dict, or any exported
+      file (TorchScript, ``.pt2``, state dict, ONNX).
+    model_name: registry name of a state dict of another architecture than
+      the DSP CifarResNet.
+
+  Returns:
+    The report.
+  """
   src = pathlib.Path(src)
   if not src.exists():
     raise FileNotFoundError(f"no such file or directory: {src}")
+  if src.is_file() and not _reads_as_model(src, model_name):
+    return _inspect_file(src)
   model, variables, name, branches = _load_any(src, model_name)
   family = models.model_spec(name).family
-  lines = [f"{src}: {name} ({family})"]
+  from models import flops  # pylint: disable=import-outside-toplevel
+  rep = flops.report(model, variables,
+                     getattr(models.unwrap(model), "image_size", None) or 32)
+  lines = [f"{src}: {name} ({family}), parameters {rep.params:,} of "
+           f"{rep.params_dense:,}, MACs {rep.macs:,} of {rep.macs_dense:,} "
+           f"per image"]
   for layer in tables.find_layers(variables, family):
     k = tables.get_path(variables[tables.PARAMS],
-                    layer.path + ("scale" if "norm" in layer.kind else "kernel",))
+                        layer.path + ("scale" if "norm" in layer.kind
+                                      else "kernel",))
     lines.append(f"  {layer.name:<28} {layer.kind:<9} {tuple(np.shape(k))}")
   if branches is None and family == jax_side.FAMILY:
     branches = dsp.branch_counts(jax_side.plan_from_variables(variables))
   if branches:
     lines.append("branches per block (conv_a, conv_b):")
     lines += [f"  {b:<12} {a} {c}" for b, (a, c) in branches.items()]
+  lines.append(flops.format_table(rep))
+  return "\n".join(lines)
+
+
+def _reads_as_model(src: pathlib.Path, model_name: str | None) -> bool:
+  """Whether a file is one ``import`` reads (packed DSP TorchScript, or a
+  state dict with the names of a registry model)."""
+  if src.suffix in (".onnx", ".pt2", ".json", ".npz"):
+    return False
+  if writer.is_torchscript(src):
+    return dsp.is_packed(src)
   try:
-    from models import flops  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # the FLOPs module is optional here.
-    lines.append(f"(no FLOPs report: {e})")
+    sd, _ = reference.read_state_dict(src)
+    _from_state_dict(sd, model_name)
+  except (ValueError, KeyError):
+    return False
+  return True
+
+
+def _inspect_file(src: pathlib.Path) -> str:
+  """Any exported file: its kind, tensors and layers (weights with their
+  shapes), parameters; ONNX: opset, inputs/outputs and operators."""
+  import torch  # pylint: disable=import-outside-toplevel
+  lines: list[str] = []
+  if src.suffix == ".json":
+    return f"{src}:\n{src.read_text()}"
+  if src.suffix == ".npz":
+    with np.load(src) as z:
+      return "\n".join([f"{src}: numpy arrays"] + [
+          f"  {k:<20} {z[k].shape} {z[k].dtype}" for k in z.files])
+  if src.suffix == ".onnx":
+    import onnx  # pylint: disable=import-outside-toplevel
+    m = onnx.load(str(src))
+    tensors = {t.name: tuple(t.dims) for t in m.graph.initializer}
+    ops: dict[str, int] = {}
+    for node in m.graph.node:
+      ops[node.op_type] = ops.get(node.op_type, 0) + 1
+
+    def io(values):
+      return ", ".join(
+          f"{v.name} {tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)}"
+          for v in values)
+
+    opset = max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    head = (f"{src}: ONNX (opset {opset}), inputs {io(m.graph.input)}, "
+            f"outputs {io(m.graph.output)}")
+    tail = "operators: " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items()))
   else:
-    lines.append(flops.format_table(flops.report(model, variables)))
+    if writer.is_torchscript(src):
+      sd, kind = torch.jit.load(str(src), map_location="cpu").state_dict(), (
+          "TorchScript")
+    elif src.suffix == ".pt2":
+      sd, kind = torch.export.load(str(src)).module().state_dict(), (
+          "torch.export program")
+    else:
+      try:
+        sd, kind = torch.load(src, map_location="cpu", weights_only=True), (
+            "state dict")
+      except Exception as e:  # torch raises many kinds for foreign files.
+        raise ValueError(
+            f"{src} is not a file this command reads (a variables or run "
+            "directory, TorchScript, .pt2, state dict, ONNX, .npz or .json "
+            f"file): {str(e).splitlines()[0]}") from e
+      if not isinstance(sd, dict):
+        raise ValueError(f"{src} is not a state dict, TorchScript, .pt2 or "
+                         "ONNX file")
+    tensors = {k: tuple(v.shape) for k, v in sd.items()
+               if isinstance(v, torch.Tensor)}
+    head, tail = f"{src}: {kind}", None
+  total = sum(int(np.prod(s)) for s in tensors.values())
+  lines.append(f"{head}, {len(tensors)} tensors, {total:,} numbers" + (
+      " (frozen: its weights are constants of the code)"
+      if not tensors and src.suffix != ".onnx" else ""))
+  for name, shape in tensors.items():
+    if len(shape) >= 2:  # conv and linear weights: the layers' widths
+      lines.append(f"  {name:<40} {shape}")
+  if tail:
+    lines.append(tail)
   return "\n".join(lines)
 
 
@@ -285,11 +309,15 @@ def _add_export_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--which", choices=("best", "latest"), default="best",
                  help="checkpoint of a stage directory")
   p.add_argument("--out", required=True)
-  p.add_argument("--format", choices=tuple(FORMATS), dest="export_format",
-                 help="packed: DSP packing (cifar_resnet family); slim: DDROP "
-                 "slimming (resnet, vgg, vit, swin families); branched: DSP "
-                 "branches (resnet, vgg; vit, swin: compact MLPs); default: "
-                 "by the model's family, branched when it carries DSP gates")
+  p.add_argument("--format", choices=("all",) + formats.FORMATS,
+                 default="all", dest="export_format",
+                 help="all (default): every format that applies; torch / "
+                 "onnx: the compact network of any model (model.pt, "
+                 "model.pt2, model_state_dict.pt / model.onnx); packed: the "
+                 "released DSP format (cifar_resnet family); slim: DDROP "
+                 "slimming (resnet, vgg, vit, swin); branched: DSP branches "
+                 "(the same families with group logits); fast: fast.pt "
+                 "beside packed or slim files")
   p.add_argument("--stage", choices=reference.STAGES,
                  help="also write the reference-format state dict (packed)")
   p.add_argument("--accuracy", type=float, default=0.0)
@@ -363,7 +391,7 @@ def _run_export(args: argparse.Namespace) -> None:
         f"no such directory: {args.variables} (not a converted-variables "
         "directory; expected a run's workdir, one of its stage directories, "
         "or a `convert import` directory)")
-  model, variables, info = jax_side.load_source(args.variables, args.which)
+  model, variables, info = artifacts.load_source(args.variables, args.which)
   data_info = _dataset_info(args)
   # The model takes the training images' size (Fashion-MNIST: 28).
   size = args.image_size or (data_info.image_size if data_info else None)
@@ -384,10 +412,11 @@ def _run_export(args: argparse.Namespace) -> None:
     print(f"max |logits diff| {k}: {d:.3g}")
   for note in r.notes:
     print(note)
-  if isinstance(r, slim.SlimExport):
-    s = r.summary
-    print(f"{info['model']}: parameters {s.params_before} -> {s.params_after} "
-          f"({s.params_after / s.params_before:.1%})")
+  d = r.details
+  params = (f"parameters {d['params_before']:,} -> {d['params_after']:,}, "
+            if "params_after" in d else "")
+  print(f"{info['model']}: {params}MACs {d['macs_before']:,} -> "
+        f"{d['macs_after']:,} (the pruned network's description)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -401,8 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--model", help="registry name (state dicts of other "
                  "architectures than the DSP CifarResNet)")
   _add_export_arguments(sub.add_parser(
-      "export", help="variables or run stage dir -> packed (DSP) or slimmed "
-      "(DDROP) PyTorch files"))
+      "export", help="variables or run stage dir -> PyTorch and ONNX files"))
   p = sub.add_parser("inspect", help="tree, branches, FLOPs of a file/dir")
   p.add_argument("src")
   p.add_argument("--model")

@@ -23,65 +23,26 @@ import os
 import pathlib
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 import torch
 
 import models
 from models.layers import input_channels
-from convert import dsp_torch, fast, fast_specs, jax_side, packing, tables
+from convert import description as desc_lib
+from convert import (dsp_torch, fast, fast_specs, jax_side, packing, tables,
+                     writer)
+from training import artifacts
 
-PACKED, PROGRAM, STATE_DICT, REFERENCE_IO = (
-    "packed.pt", "packed.pt2", "dense_state_dict.pt", "reference_io.npz")
-
-
-class ConversionMismatch(ValueError):
-  """Converted model's logits differ from the source's beyond tolerance (a
-  ValueError: reported as one line, like other unusable inputs)."""
-
-
-def random_images(n: int, image_size: int = 32, seed: int = 0,
-                  channels: int = 3) -> np.ndarray:
-  """``n`` standard-normal NHWC images (float32) from ``jax.random.key(seed)``."""
-  x = jax.random.normal(jax.random.key(seed),
-                        (n, image_size, image_size, channels))
-  return np.asarray(x, np.float32)
-
-
-def torch_logits(module: Any, images_nhwc: np.ndarray) -> np.ndarray:
-  """Logits of a torch module (eval, no grad) for NHWC images."""
-  # A copy: a 1-channel transpose is already contiguous, and read-only.
-  x = torch.from_numpy(np.array(images_nhwc.transpose(0, 3, 1, 2), order="C"))
-  # No profiling/fusion passes: one call, and they cost seconds on CPU.
-  with torch.no_grad(), torch.jit.optimized_execution(False):
-    return module(x).detach().cpu().numpy()
-
-
-def check_logits(name: str, got: np.ndarray, want: np.ndarray,
-                 atol: float) -> float:
-  """Max |got - want|; raises ``ConversionMismatch`` naming ``name`` beyond atol.
-
-  Args:
-    name: what produced ``got`` (a file or module), for the error.
-    got: logits of the converted model.
-    want: logits of the Flax model.
-    atol: largest accepted difference.
-
-  Returns:
-    The measured difference.
-  """
-  diff = float(np.max(np.abs(got - want)))
-  if not diff <= atol:
-    raise ConversionMismatch(
-        f"{name}: logits differ from the Flax model by {diff:.3g} > {atol:g}")
-  return diff
+PACKED, PROGRAM, STATE_DICT = "packed.pt", "packed.pt2", "dense_state_dict.pt"
+REFERENCE_IO = writer.REFERENCE_IO
+ConversionMismatch = writer.ConversionMismatch
 
 
 def dense_state_dict(variables: Mapping[str, Any],
                      num_batches_tracked: Mapping[str, int] | None = None,
                      ) -> dict[str, torch.Tensor]:
   """Dense-shaped reference-named state dict with ``.mask`` for taking-part convs."""
-  v = jax_side.to_numpy_tree(variables)
+  v = artifacts.to_numpy_tree(variables)
   sd = tables.to_torch(v, jax_side.FAMILY, num_batches_tracked)
   convs = tables.taking_part_convs(v, jax_side.FAMILY)
   masks = jax_side.conv_masks_oi(v, convs)
@@ -103,24 +64,15 @@ def dense_state_dict(variables: Mapping[str, Any],
   return out
 
 
-@dataclasses.dataclass
-class ExportResult:
-  """Paths written and the max |logit| differences measured."""
-
-  files: dict[str, pathlib.Path]
-  max_abs_diff: dict[str, float]
-  branches: dict[str, tuple[int, int]]
-  notes: list[str] = dataclasses.field(default_factory=list)
-
-
 def export_packed(model: Any, variables: Mapping[str, Any],
                   out_dir: str | os.PathLike, *,
                   num_batches_tracked: Mapping[str, int] | None = None,
                   images: np.ndarray | None = None, num_images: int = 4,
                   image_size: int = 32, seed: int = 0, atol: float = 1e-4,
                   program: bool = True,
-                  fast_options: fast.Options | None = fast.Options()
-                  ) -> ExportResult:
+                  fast_options: fast.Options | None = fast.Options(),
+                  description: desc_lib.Description | None = None
+                  ) -> writer.ExportResult:
   """Packs a masked Flax CifarResNet and writes the export files.
 
   Args:
@@ -137,58 +89,73 @@ def export_packed(model: Any, variables: Mapping[str, Any],
     fast_options: also write ``fast.pt``/``fast.pt2``/``fast_plan.json``
       (``convert.fast``: formulations chosen per layer, BN folded); None
       skips them.
+    description: the pruned network's description (computed when None);
+      the packed blocks are checked against it.
 
   Returns:
-    The written paths, the measured differences and the branch counts per
-    block.
+    The written paths, the measured differences and, in ``details``, the
+    branch counts per block.
 
   Raises:
     ConversionMismatch: a written file's logits differ by more than ``atol``.
+    convert.description.WidthMismatch: a packed block keeps other filters
+      than the description says.
   """
   out_dir = pathlib.Path(out_dir)
   plan = jax_side.plan_from_variables(variables, num_batches_tracked)
+  if description is None:
+    description = desc_lib.describe(model, variables,
+                                    (image_size, image_size,
+                                     input_channels(model)))
+  desc_lib.check_module_widths(
+      description, packed_widths(plan),
+      only=[l.path for l in description.graph.taking_part])
   if images is None:
-    images = random_images(num_images, image_size, seed,
-                           input_channels(model))
-  want = jax_side.logits(model, variables, images)
+    images = writer.random_images(num_images, image_size, seed,
+                                   input_channels(model))
+  want = artifacts.logits(model, variables, images)
   traced = dsp_torch.trace(plan, image_size)
-  diffs = {"traced": check_logits("traced packed model",
-                                  torch_logits(traced, images), want, atol)}
-  files = {}
-  files[REFERENCE_IO] = jax_side.atomic_write(
-      out_dir / REFERENCE_IO,
-      lambda f: np.savez(f, images=images,
-                         images_nchw=images.transpose(0, 3, 1, 2),
-                         logits=want))
-  files[PACKED] = jax_side.atomic_write(
-      out_dir / PACKED, lambda f: torch.jit.save(traced, f))
-  diffs[PACKED] = check_logits(
-      PACKED, torch_logits(torch.jit.load(files[PACKED]), images), want, atol)
+  result = writer.write(traced, out_dir, {writer.TORCHSCRIPT: PACKED},
+                        images, want, atol=atol, fresh=False)
   if program:
-    # Batch 2 in the example: a size-1 dimension would be specialised.
-    example = (torch.zeros(2, images.shape[-1], image_size, image_size),)
-    ep = torch.export.export(
-        dsp_torch.build(plan, index_select=True), example,
-        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
-    files[PROGRAM] = jax_side.atomic_write(
-        out_dir / PROGRAM, lambda f: torch.export.save(ep, f))
-    loaded = torch.export.load(files[PROGRAM]).module()
-    diffs[PROGRAM] = check_logits(PROGRAM, torch_logits(loaded, images), want,
-                                  atol)
+    r = writer.write(dsp_torch.build(plan, index_select=True), out_dir,
+                     {writer.PROGRAM: PROGRAM}, images, want, atol=atol,
+                     fresh=False)
+    result.files.update(r.files)
+    result.max_abs_diff.update({k: d for k, d in r.max_abs_diff.items()
+                                if k != "module"})
   sd = dense_state_dict(variables, num_batches_tracked)
-  files[STATE_DICT] = jax_side.atomic_write(
-      out_dir / STATE_DICT, lambda f: torch.save(sd, f))
-  loaded_sd = torch.load(files[STATE_DICT], weights_only=True)
-  diffs[STATE_DICT] = check_logits(
+  result.files[STATE_DICT] = writer.save(out_dir / STATE_DICT,
+                                         lambda f: torch.save(sd, f))
+  loaded_sd = torch.load(result.files[STATE_DICT], weights_only=True)
+  result.max_abs_diff[STATE_DICT] = writer.check_logits(
       STATE_DICT,
-      torch_logits(lambda x: dsp_torch.dense_forward(loaded_sd, x), images),
-      want, atol)
-  result = ExportResult(files, diffs, branch_counts(plan))
+      writer.torch_logits(lambda x: dsp_torch.dense_forward(loaded_sd, x),
+                          images), want, atol)
+  result.details["branches"] = branch_counts(plan)
   if fast_options is not None:
     fast.attach(result, fast_specs.from_packed(
-        plan, type(models.unwrap(model)).__name__ + str(getattr(model, "depth", "")),
-        image_size), out_dir, fast_options, program=program, atol=atol)
+        plan, type(models.unwrap(model)).__name__ + str(
+            getattr(model, "depth", "")), image_size),
+                out_dir, fast_options, program=program, atol=atol)
   return result
+
+
+def packed_widths(plan: packing.PackedResNet) -> dict[str, tuple[int, int]]:
+  """(kept inputs, filters) of every conv_a / conv_b of a packed plan."""
+  out = {}
+  for stage in plan.stages:
+    for b in stage:
+      produced = [c for br in b.branches_a for c in br.outputs]
+      for conv, branches, source in (("conv_a", b.branches_a, None),
+                                     ("conv_b", b.branches_b, produced)):
+        if not branches:
+          continue
+        inputs = {int(i) if source is None else int(source[i])
+                  for br in branches for i in br.inputs}
+        out[f"{b.name}.{conv}"] = (len(inputs), sum(
+            len(br.outputs) for br in branches))
+  return out
 
 
 def branch_counts(plan: packing.PackedResNet) -> dict[str, tuple[int, int]]:
@@ -239,6 +206,15 @@ def load_torchscript(path: str | os.PathLike) -> Any:
                      ) from e
 
 
+def is_packed(path: str | os.PathLike) -> bool:
+  """Whether a TorchScript file is a packed DSP CifarResNet."""
+  try:
+    dsp_torch.read_packed(load_torchscript(path))
+  except ValueError:
+    return False
+  return True
+
+
 def import_packed(source: str | os.PathLike | Any, *, num_images: int = 4,
                   seed: int = 0, atol: float | None = 1e-4) -> ImportResult:
   """Reads a packed DSP TorchScript CifarResNet into dense Flax variables.
@@ -258,9 +234,10 @@ def import_packed(source: str | os.PathLike | Any, *, num_images: int = 4,
   plan = dsp_torch.read_packed(module)
   name, overrides, variables = jax_side.variables_from_plan(plan)
   model = models.create_model(name, plan.num_classes, **overrides)
-  images = random_images(num_images, 32, seed, input_channels(model))
-  got = jax_side.logits(model, variables, images)
-  diff = float(np.max(np.abs(got - torch_logits(module, images))))
+  images = writer.random_images(num_images, 32, seed,
+                                 input_channels(model))
+  got = artifacts.logits(model, variables, images)
+  diff = float(np.max(np.abs(got - writer.torch_logits(module, images))))
   if atol is not None and not diff <= atol:
     raise ConversionMismatch(
         f"imported model's logits differ from the TorchScript file by "

@@ -68,6 +68,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from convert import writer
+
 FORMULATIONS = ("branches", "clusters", "union", "dense_in", "padded")
 MEMORY_FORMATS = ("nchw", "channels_last")
 FAST, FAST_PROGRAM, FAST_PLAN = "fast.pt", "fast.pt2", "fast_plan.json"
@@ -475,9 +477,8 @@ class Plan:
                dict(d.get("info", {})))
 
   def save(self, path: str | os.PathLike) -> pathlib.Path:
-    from convert import jax_side  # pylint: disable=import-outside-toplevel
     text = json.dumps(self.to_json(), indent=1)
-    return jax_side.atomic_write(path, lambda f: f.write(text.encode()))
+    return writer.save(path, lambda f: f.write(text.encode()))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Plan":
@@ -1196,9 +1197,8 @@ def export_fast(spec: NetSpec, out_dir: str | os.PathLike,
     Files, differences, the plan, and notes for the user.
 
   Raises:
-    convert.dsp.ConversionMismatch: a file's logits differ beyond atol.
+    convert.writer.ConversionMismatch: a file's logits differ beyond atol.
   """
-  from convert import dsp, jax_side  # pylint: disable=import-outside-toplevel
   out_dir = pathlib.Path(out_dir)
   if plan is None and tune:
     plan = out_dir / FAST_PLAN
@@ -1208,18 +1208,18 @@ def export_fast(spec: NetSpec, out_dir: str | os.PathLike,
     notes.append("nothing pruned: fast.pt is the BN-folded dense model")
   files = {FAST_PLAN: chosen.save(out_dir / FAST_PLAN)}
   ts = script(spec, chosen)
-  files[FAST] = jax_side.atomic_write(out_dir / FAST,
+  files[FAST] = writer.save(out_dir / FAST,
                                       lambda f: torch.jit.save(ts, f))
   checks = _regime_checks(images, want, chosen)
-  diffs = {FAST: max(dsp.check_logits(FAST, dsp.torch_logits(
+  diffs = {FAST: max(writer.check_logits(FAST, writer.torch_logits(
       torch.jit.load(str(files[FAST])), x), w, atol) for x, w in checks)}
   if program:
     ep = export_program(spec, chosen)
-    files[FAST_PROGRAM] = jax_side.atomic_write(
+    files[FAST_PROGRAM] = writer.save(
         out_dir / FAST_PROGRAM, lambda f: _save_program(ep, f))
     loaded = torch.export.load(str(files[FAST_PROGRAM])).module()
-    diffs[FAST_PROGRAM] = max(dsp.check_logits(
-        FAST_PROGRAM, dsp.torch_logits(loaded, x), w, atol) for x, w in checks)
+    diffs[FAST_PROGRAM] = max(writer.check_logits(
+        FAST_PROGRAM, writer.torch_logits(loaded, x), w, atol) for x, w in checks)
 
   def describe(r):
     counts = ", ".join(f"{k} x{v}" for k, v in r.info["formulations"].items())
@@ -1257,8 +1257,7 @@ def attach(result: Any, spec: NetSpec, out_dir: str | os.PathLike,
   (``reference_io.npz`` in ``out_dir``).
 
   Args:
-    result: an export result with ``files``, ``max_abs_diff`` and ``notes``
-      (``convert.dsp.ExportResult``, ``convert.slim.SlimExport``).
+    result: the ``convert.writer.ExportResult`` of the export.
     spec: the exported network's spec.
     out_dir: the export directory.
     options: tuning and plan cache.

@@ -142,12 +142,12 @@ def embed_normalisation(path: str | os.PathLike,
     def forward(self, x: torch.Tensor) -> torch.Tensor:
       return self.model((x / 255.0 - self.mean) / self.std)
 
-  from convert import jax_side  # pylint: disable=import-outside-toplevel
+  from convert import writer  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(path)
   model = torch.jit.load(str(path), map_location="cpu")
   wrapped = torch.jit.script(Normalised(model, content["mean"],
                                         content["std"]))
-  return jax_side.atomic_write(path, lambda f: torch.jit.save(wrapped, f))
+  return writer.save(path, lambda f: torch.jit.save(wrapped, f))
 
 
 # Files that keep the authors' input format whatever is asked.
@@ -169,7 +169,7 @@ def finish(out_dir: str | os.PathLike, info: Any,
   Returns:
     ``{'file': path, 'summary': one line}`` for the report.
   """
-  from convert.cli import is_torchscript  # The CLI imports this module.
+  from convert.writer import is_torchscript  # pylint: disable=import-outside-toplevel
   raw = []
   if with_preprocess:
     content = dict(info) if isinstance(info, Mapping) else from_info(info)

@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 import models
-from convert import jax_side, reference, tables, transformers
+from convert import reference, tables, transformers
+from training import artifacts
 
 
 def _merge(base: Mapping[str, Any], update: Mapping[str, Any],
@@ -102,9 +103,9 @@ def load(path: str | pathlib.Path, model: Any, model_name: str,
       and the expected model named).
   """
   path = pathlib.Path(path).expanduser()
-  base = jax_side.to_numpy_tree(jax.device_get(dict(variables)))
+  base = artifacts.to_numpy_tree(jax.device_get(dict(variables)))
   if path.is_dir():
-    _, loaded, info = jax_side.load_source(path)
+    _, loaded, info = artifacts.load_source(path)
     if info["model"] != model_name:
       raise ValueError(f"init_from {path} holds a {info['model']!r} model, "
                        f"expected {model_name!r}")
@@ -121,7 +122,7 @@ def load_state_dict(sd: Mapping[str, Any], model: Any, model_name: str,
                     variables: Mapping[str, Any],
                     log: Callable[[str], None] = print) -> dict[str, Any]:
   """``load`` for a state dict already in memory (same arguments)."""
-  base = jax_side.to_numpy_tree(jax.device_get(dict(variables)))
+  base = artifacts.to_numpy_tree(jax.device_get(dict(variables)))
   template = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), base)
   sd = dict(sd)

@@ -32,7 +32,9 @@ import jax
 import numpy as np
 import torch
 
-from convert import jax_side, tables
+from convert import tables
+from convert import writer
+from training import artifacts
 
 STAGES = ("pretrained", "group", "finetuned")
 
@@ -56,7 +58,7 @@ def to_reference(variables: Mapping[str, Any], stage: str,
   """
   if stage not in STAGES:
     raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-  v = jax_side.to_numpy_tree(variables)
+  v = artifacts.to_numpy_tree(variables)
   sd = tables.to_torch(v, family, num_batches_tracked)
   convs = set(tables.taking_part_convs(v, family))
   extra: dict[str, dict[str, np.ndarray]] = {}
@@ -183,7 +185,7 @@ def _put(tree: dict[str, Any], conv: str, leaf: str, value: Any, want: Any,
 def save(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
          accuracy: float) -> pathlib.Path:
   """Writes ``[state_dict, accuracy]`` atomically, as the reference does."""
-  return jax_side.atomic_write(
+  return writer.save(
       path, lambda f: torch.save([dict(state_dict), float(accuracy)], f))
 
 

@@ -35,30 +35,29 @@ against the Flax model's before it returns. Command line (the converter's
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-import pathlib
-import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
-import torch
 from torch import nn
 
 import models
-from convert import dsp, dsp_torch, fast, fast_specs, jax_side, packing, tables
+from models.layers import input_channels
+from convert import description as desc_lib
+from convert import (dsp_torch, fast, fast_specs, packing, tables,
+                     writer)
 from convert.dsp_torch import to_tensor
 from convert.torch_zoo import SlimBlock, SlimLayerNorm, SlimResNet, SlimVGG
 from models import cifar_resnet, resnet, swin, vgg, vit
 from models.graph import Graph as ModelStructure
 from models.graph import LayerInfo
 from models.paths import Path
-from models.layers import input_channels
+from training import artifacts
 
 FAMILIES = ("resnet", "vgg", "vit", "swin")
-TORCHSCRIPT, PROGRAM, STATE_DICT, REFERENCE_IO = (
-    "slim.pt", "slim.pt2", "slim_state_dict.pt", "reference_io.npz")
+TORCHSCRIPT, PROGRAM, STATE_DICT = "slim.pt", "slim.pt2", "slim_state_dict.pt"
+REFERENCE_IO = writer.REFERENCE_IO
 LN_EPS = 1e-5
 
 
@@ -77,16 +76,6 @@ class SlimSummary:
   params_before: int
   params_after: int
   widths: dict[str, tuple[int, int]]
-
-
-@dataclasses.dataclass
-class SlimExport:
-  """Files written by ``export_ddrop`` and the measured |logit| differences."""
-
-  files: dict[str, pathlib.Path]
-  max_abs_diff: dict[str, float]
-  summary: SlimSummary
-  notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def family_of(model: Any) -> str:
@@ -349,7 +338,7 @@ def slim(model: Any, variables: Mapping[str, Any],
     return _slim_transformer(model, variables, _image_size(model, image_size))
   family = family_of(model)
   image_size = _image_size(model, image_size)
-  v = jax_side.to_numpy_tree(dict(variables))
+  v = artifacts.to_numpy_tree(dict(variables))
   if tables.BATCH_STATS not in v:
     raise ValueError("variables need 'batch_stats' (the BN running statistics)"
                      f"; got collections {sorted(v)}")
@@ -372,25 +361,20 @@ def _slim_transformer(model: Any, variables: Mapping[str, Any],
   module, widths = transformer_torch.slim(model, variables, image_size)
   family = "vit" if isinstance(models.unwrap(model), vit.VisionTransformer) else "swin"
   before = sum(int(np.size(x)) for _, x in tables.leaves(
-      jax_side.to_numpy_tree(dict(variables))[tables.PARAMS]))
+      artifacts.to_numpy_tree(dict(variables))[tables.PARAMS]))
   after = sum(p.numel() for p in module.parameters())
   return module, SlimSummary(family, before, after, widths)
 
 
 # ------------------------------------------------------------------ export
-def _example(module: nn.Module, batch: int, image_size: int,
-             channels: int) -> torch.Tensor:
-  dtype = next(module.parameters()).dtype
-  return torch.zeros(batch, channels, image_size, image_size, dtype=dtype)
-
-
 def export_ddrop(model: Any, variables: Mapping[str, Any],
                  out_dir: str | os.PathLike, image_size: int | None = None, *,
                  images: np.ndarray | None = None, num_images: int = 4,
                  seed: int = 0, atol: float = 1e-4,
                  program: bool = True,
-                 fast_options: fast.Options | None = fast.Options()
-                 ) -> SlimExport:
+                 fast_options: fast.Options | None = fast.Options(),
+                 description: desc_lib.Description | None = None
+                 ) -> writer.ExportResult:
   """Slims a DDROP-pruned Flax model and writes the PyTorch files.
 
   Files in ``out_dir``: ``slim.pt`` (TorchScript, ``torch.jit.load``),
@@ -411,119 +395,42 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
     fast_options: also write ``fast.pt``/``fast.pt2``/``fast_plan.json``
       for ResNets and VGGs (``convert.fast``: BN folded, memory format and
       residual adds chosen); None skips them.
+    description: the pruned network's description (computed when None);
+      the slimmed module's layers are checked against it.
 
   Returns:
-    Paths, measured differences and the slimming summary.
+    Paths, measured differences and, in ``details["summary"]``, the
+    slimming summary.
 
   Raises:
-    convert.dsp.ConversionMismatch: a file's logits differ by more than atol.
+    convert.writer.ConversionMismatch: a file's logits differ by more than
+      atol.
+    convert.description.WidthMismatch: a slimmed layer disagrees with the
+      description.
   """
   image_size = _image_size(model, image_size)
   module, summary = slim(model, variables, image_size)
-  files, diffs = write_module(
-      module, model, variables, out_dir, image_size,
-      (TORCHSCRIPT, PROGRAM, STATE_DICT), images=images,
-      num_images=num_images, seed=seed, atol=atol, program=program)
-  result = SlimExport(files, diffs, summary)
+  if description is None:
+    description = desc_lib.describe(model, variables,
+                                    (image_size, image_size,
+                                     input_channels(model)))
+  desc_lib.check_module_widths(description, writer.module_widths(module),
+                               required=False)
+  if images is None:
+    images = writer.random_images(num_images, image_size, seed,
+                                   input_channels(model))
+  want = artifacts.logits(model, variables, images)
+  names = {writer.TORCHSCRIPT: TORCHSCRIPT, writer.STATE_DICT: STATE_DICT}
+  if program:
+    names[writer.PROGRAM] = PROGRAM
+  r = writer.write(module, out_dir, names, images, want, atol=atol,
+                   fresh=False)
+  result = writer.ExportResult(r.files, r.max_abs_diff,
+                               details={"summary": summary})
   if fast_options is not None and isinstance(module, (SlimResNet, SlimVGG)):
     pruned = summary.params_after < summary.params_before
-    fast.attach(result, fast_specs.from_slim(module, type(models.unwrap(model)).__name__,
-                                             image_size, pruned),
+    fast.attach(result, fast_specs.from_slim(
+        module, type(models.unwrap(model)).__name__, image_size, pruned),
                 out_dir, fast_options, program=program, atol=atol)
   return result
 
-
-def write_module(module: nn.Module, model: Any, variables: Mapping[str, Any],
-                 out_dir: str | os.PathLike, image_size: int,
-                 names: tuple[str, str, str], *,
-                 images: np.ndarray | None = None, num_images: int = 4,
-                 seed: int = 0, atol: float = 1e-4, program: bool = True
-                 ) -> tuple[dict[str, pathlib.Path], dict[str, float]]:
-  """Writes a torch module equivalent to a Flax model, checking each file.
-
-  Files in ``out_dir``: TorchScript, a ``torch.export`` program and a state
-  dict under ``names`` (in that order), and ``reference_io.npz``; every
-  file's logits are checked against the Flax model's.
-
-  Args:
-    module: the torch module (eval mode, CPU).
-    model: the Flax model it stands for.
-    variables: the Flax variables.
-    out_dir: directory to write into (created).
-    image_size: input height/width.
-    names: file names of the TorchScript, program and state-dict files.
-    images: NHWC check images; ``num_images`` random ones when None.
-    num_images: number of random check images.
-    seed: seed of the random images.
-    atol: largest accepted |logit| difference.
-    program: also write the ``torch.export`` program.
-
-  Returns:
-    ``(files, max_abs_diff)`` keyed by file name (``module`` for the module
-    itself).
-
-  Raises:
-    convert.dsp.ConversionMismatch: a file's logits differ by more than atol.
-  """
-  torchscript, program_name, state_dict = names
-  out_dir = pathlib.Path(out_dir)
-  if images is None:
-    images = dsp.random_images(num_images, image_size, seed,
-                               input_channels(model))
-  want = jax_side.logits(model, variables, images)
-  diffs = {"module": dsp.check_logits(
-      "converted module", dsp.torch_logits(module, images), want, atol)}
-  files = {REFERENCE_IO: jax_side.atomic_write(
-      out_dir / REFERENCE_IO,
-      lambda f: np.savez(f, images=images,
-                         images_nchw=images.transpose(0, 3, 1, 2),
-                         logits=want))}
-  with torch.no_grad():
-    traced = torch.jit.trace(module, _example(module, 1, image_size,
-                                              images.shape[-1]),
-                             check_trace=False)
-  files[torchscript] = jax_side.atomic_write(
-      out_dir / torchscript, lambda f: torch.jit.save(traced, f))
-  diffs[torchscript] = dsp.check_logits(torchscript, dsp.torch_logits(
-      torch.jit.load(str(files[torchscript])), images), want, atol)
-  if program:
-    # Batch 2 in the example: a size-1 dimension would be specialised.
-    ep = torch.export.export(
-        module, (_example(module, 2, image_size, images.shape[-1]),),
-        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
-    files[program_name] = jax_side.atomic_write(
-        out_dir / program_name, lambda f: torch.export.save(ep, f))
-    diffs[program_name] = dsp.check_logits(program_name, dsp.torch_logits(
-        torch.export.load(str(files[program_name])).module(), images), want,
-                                           atol)
-  state = {k: t.detach().clone() for k, t in module.state_dict().items()}
-  files[state_dict] = jax_side.atomic_write(
-      out_dir / state_dict, lambda f: torch.save(state, f))
-  fresh = copy.deepcopy(module)
-  with torch.no_grad():
-    for t in list(fresh.parameters()) + list(fresh.buffers()):
-      t.zero_()
-  fresh.load_state_dict(torch.load(files[state_dict], weights_only=True))
-  diffs[state_dict] = dsp.check_logits(
-      state_dict, dsp.torch_logits(fresh, images), want, atol)
-  return files, diffs
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of ``python -m convert.slim``.
-
-  The converter's ``export --format slim`` (``convert.cli``), same arguments.
-
-  Args:
-    argv: the arguments (default: the process's).
-
-  Returns:
-    The exit status.
-  """
-  from convert import cli  # pylint: disable=import-outside-toplevel
-  args = sys.argv[1:] if argv is None else list(argv)
-  return cli.main(["export", "--format", "slim", *args])
-
-
-if __name__ == "__main__":
-  sys.exit(main())

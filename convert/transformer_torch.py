@@ -32,10 +32,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import models
-from convert import jax_side, packing, tables, transformers
+from convert import packing, tables, transformers
 from models import swin as swin_lib
 from models import vit as vit_lib
 from models.paths import Path
+from training import artifacts
 
 
 class SlimMlp(nn.Sequential):
@@ -356,9 +357,9 @@ def slim(model: Any, variables: Mapping[str, Any], image_size: int
                      f" x {model.image_size} images, not {image_size}")
   if model.image_size is None:
     model = model.clone(image_size=image_size)
-  v = jax_side.to_numpy_tree(dict(variables))
+  v = artifacts.to_numpy_tree(dict(variables))
   keep = kept_hidden(model, v, image_size)
-  folded = jax_side.to_numpy_tree(packing.apply_masks(v)[tables.PARAMS])
+  folded = artifacts.to_numpy_tree(packing.apply_masks(v)[tables.PARAMS])
   widths, shapes = {}, []
   for mlp, kept in keep.items():
     if not len(kept):

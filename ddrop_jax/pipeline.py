@@ -259,7 +259,7 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
     entry = pipeline.export_stage(
         config, env, state.variables(),
         lambda: pack(model, state.variables(), env.workdir / EXPORT_DIR,
-                     info.image_size))
+                     info.image_size, info.channels))
     env.report.merge({"export": entry, "preprocess": entry["preprocess"],
                       "exported": exported_entry(env.report.data)})
   return pipeline.finish(env, model, state, summary, SUMMARY_KEYS), state
@@ -318,8 +318,10 @@ def exported_entry(report: Mapping[str, Any]) -> dict[str, str]:
 
 
 def pack(model: Any, variables: Mapping[str, Any], out_dir: pathlib.Path,
-         image_size: int) -> dict[str, Any]:
-  """Writes the slimmed PyTorch export (``convert.slim.export_ddrop``).
+         image_size: int, channels: int = 3) -> dict[str, Any]:
+  """Writes the exports: every format that applies (``convert.formats``:
+  slimmed torchvision-named modules for the registry families, the compact
+  network and ONNX for any model).
 
   Args:
     model: the Flax model.
@@ -331,12 +333,15 @@ def pack(model: Any, variables: Mapping[str, Any], out_dir: pathlib.Path,
     ``{'dir', 'files', 'max_abs_diff', 'params_slim'}`` for the report.
   """
   try:
-    from convert import slim  # Imports torch: only when packing.
+    from convert import formats  # Imports torch: only when packing.
   except ImportError as e:
-    raise RuntimeError(f"stage 'pack' needs convert.slim and torch ({e}); "
+    raise RuntimeError(f"stage 'pack' needs convert and torch ({e}); "
                        "leave 'pack' out of config.stages to skip it") from e
-  out = slim.export_ddrop(model, variables, out_dir, image_size)
+  out = formats.export(model, variables, out_dir,
+                       (image_size, image_size, channels))
+  summary = out.details.get("summary")
   return {"dir": str(out_dir),
           "files": {k: str(p) for k, p in out.files.items()},
           "max_abs_diff": {k: float(v) for k, v in out.max_abs_diff.items()},
-          "params_slim": int(out.summary.params_after)}
+          "params_slim": int(summary.params_after if summary is not None
+                             else out.details["params_after"])}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from ddrop_jax.config import DdropConfig
-from ddrop_jax.selection import DENSE, DdropLayer, Path
+from ddrop_jax.selection import DENSE, DdropLayer
 from models import paths
 
 Array = jax.Array

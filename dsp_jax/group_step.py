@@ -8,7 +8,6 @@ taking-part kernels.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax

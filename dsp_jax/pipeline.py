@@ -45,8 +45,6 @@ import numpy as np
 
 import dsp_jax
 import models
-from convert import jax_side
-from convert import reference as ref_lib
 from dsp_jax import group_step as group_lib
 from training import config as config_lib
 from training import loop
@@ -55,6 +53,7 @@ from training import optim
 from training import pipeline
 from training import state as state_lib
 from training import steps
+from training import artifacts
 
 OUTPUT = "output"
 EXPORT = "export"
@@ -133,11 +132,13 @@ def load_input(path: str | pathlib.Path, config: Mapping[str, Any],
   if path.is_dir() and (path / OUTPUT / "variables.npz").is_file():
     path = path / OUTPUT
   if path.is_dir() and (path / "variables.npz").is_file():
-    _, variables, info = jax_side.load_variables(path)
+    _, variables, info = artifacts.load_variables(path)
     found = info["model"]
   elif path.is_dir() and (path / "meta.json").is_file():
-    found, _, _, variables = jax_side.load_stage_checkpoint(path, "best")
+    _, info, variables = artifacts.load_stage_checkpoint(path, "best")
+    found = info["model"]
   elif path.is_file():
+    from convert import reference as ref_lib  # Imports torch: only here.
     sd, _ = ref_lib.read_state_dict(path)
     found = name
     g = ref_lib.groups_of(sd)
@@ -148,7 +149,7 @@ def load_input(path: str | pathlib.Path, config: Mapping[str, Any],
     model = models.create_model(name, _classes_of(sd),
                                 **({"groups": g} if g else {}))
     variables = ref_lib.from_reference(
-        sd, jax_side.template(model, image_size, channels), family)
+        sd, artifacts.template(model, image_size, channels), family)
   else:
     raise FileNotFoundError(
         f"{path}: expected a stage directory of a run, a directory with "
@@ -201,9 +202,13 @@ def _save_output(env: pipeline.Env, stage: str, config: Mapping[str, Any],
   groups = _groups_in(variables)
   directory = env.workdir / stage
   if jax.process_index() == 0:
-    jax_side.save_variables(directory / OUTPUT, config["model"], num_classes,
-                            {"groups": groups} if groups else {}, variables,
-                            meta)
+    overrides = pipeline.model_overrides(config)
+    if groups:
+      overrides["groups"] = groups
+    artifacts.save_variables(directory / OUTPUT, config["model"], num_classes,
+                             overrides, variables, meta)
+    # The original code's file of the stage (imports torch: only here).
+    from convert import reference as ref_lib  # pylint: disable=import-outside-toplevel
     ref_stage = {"pretrain": "pretrained", "group": "group"}.get(
         stage, "finetuned")
     sd = ref_lib.to_reference(variables, ref_stage,
@@ -279,7 +284,7 @@ def pretrain(config, env, variables) -> dict[str, Any]:
   result = _run("pretrain", state, step_fn, d["pretrain_epochs"] * spe,
                 config, env, model, 0)
   env.report.add_stage("pretrain", result.summary(config["select_on"]))
-  _, _, _, best = jax_side.load_stage_checkpoint(env.workdir / "pretrain")
+  _, _, best = artifacts.load_stage_checkpoint(env.workdir / "pretrain")
   _save_output(env, "pretrain", config, env.info.num_classes, best,
                _test_acc(result.best))
   return best
@@ -381,7 +386,7 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
                   2 + cycle, meta={"cycle": cycle + 1, "beta": res.beta},
                   eval_fn=eval_fn)
     env.report.add_stage(name, result.summary(config["select_on"]))
-    _, _, _, cand = jax_side.load_stage_checkpoint(env.workdir / name)
+    _, _, cand = artifacts.load_stage_checkpoint(env.workdir / name)
     acc = float(result.best[config["select_on"]]["accuracy"])
     new_best = dsp_jax.update_best(best, acc, cycle + 1, cand["params"],
                                    cand.get("batch_stats", {}), res.p_flops)
@@ -415,8 +420,10 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
 
 
 def pack(config, env, variables) -> dict[str, Any]:
-  """§4: packs the pruned model into ``workdir/export/``."""
-  from convert import dsp as convert_dsp  # Imports torch: only when packing.
+  """§4: packs the pruned model into ``workdir/export/``: every format
+  that applies (``convert.formats``; the released DSP format for the CIFAR
+  ResNets, branches for other models, the compact network and ONNX)."""
+  from convert import formats  # Imports torch: only when packing.
   if not variables.get("masks"):
     raise ValueError("stage 'pack' needs a pruned checkpoint (with masks); "
                      "run stage 'prune_finetune' first")
@@ -428,17 +435,11 @@ def pack(config, env, variables) -> dict[str, Any]:
     return variables
 
   def export():
-    if family_of(config["model"]) == "cifar_resnet":
-      # The released files' format (spec §4).
-      result = convert_dsp.export_packed(model, variables,
-                                         env.workdir / EXPORT,
-                                         image_size=env.info.image_size)
-      branches = {k: list(v) for k, v in result.branches.items()}
-    else:
-      from convert import branched  # pylint: disable=g-import-not-at-top
-      result = branched.export_branched(model, variables, env.workdir / EXPORT,
-                                        env.info.image_size)
-      branches = result.branches
+    info = env.info
+    result = formats.export(model, variables, env.workdir / EXPORT,
+                            (info.image_size, info.image_size, info.channels))
+    branches = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in result.details.get("branches", {}).items()}
     return {"files": {k: str(p) for k, p in result.files.items()},
             "max_abs_diff": result.max_abs_diff, "branches": branches}
 
@@ -534,7 +535,7 @@ def run(config: Mapping[str, Any], workdir: str | pathlib.Path
   ft_out = env.workdir / "prune_finetune" / OUTPUT
   if ("prune_finetune" not in selected and "pack" in selected
       and (ft_out / "model.json").is_file()):
-    meta = jax_side.load_variables(ft_out)[2]
+    meta = artifacts.load_variables(ft_out)[2]
     env.report.merge({k: v for k, v in meta.get("meta", {}).items()
                       if k not in env.report.data})
   groups = config["dsp"]["groups"]

@@ -99,19 +99,18 @@ def connectivities(struct: graph_lib.Graph,
     struct: from ``models.analyze``.
     params: the ``params`` collection (None: only the masks decide).
     masks: the ``masks`` collection (None: dense).
-    remove_dead: also drop the filters of channels that
-      ``models.dead_channels`` (propagated) finds dead.
+    remove_dead: keep only the kernels the physically smaller network keeps
+      (``models.graph.cut``: dead channels and the inputs that read zeros
+      removed), as the exports count them.
 
   Returns:
     Layer path -> boolean (in_features, out_features).
   """
-  conn = {l.path: graph_lib.connectivity(l, masks, params)
-          for l in struct.weighted}
   if remove_dead:
-    dead = graph_lib.dead_channels(struct, masks, params)
-    conn = {p: c & ~dead[p][None, :] if p in dead else c
-            for p, c in conn.items()}
-  return conn
+    cut = graph_lib.cut(struct, params, masks)
+    return {l.path: cut.layers[l.path].kernels for l in struct.weighted}
+  return {l.path: graph_lib.connectivity(l, masks, params)
+          for l in struct.weighted}
 
 
 def dsp_measure(struct: graph_lib.Graph,
@@ -124,9 +123,9 @@ def dsp_measure(struct: graph_lib.Graph,
     struct: from ``models.analyze``.
     params: the ``params`` collection (None: only the masks decide).
     masks: the ``masks`` collection (None: dense).
-    remove_dead: count dead channels (``models.dead_channels``) as removed;
-      the reference's own figure is without (its one-pass removal is applied
-      to the masks beforehand).
+    remove_dead: count what the physically smaller network removes
+      (``connectivities``); the reference's own figure is without (its
+      one-pass removal is applied to the masks beforehand).
 
   Returns:
     (pruned FLOPs %, pruned params %) over the taking-part convs.
@@ -155,9 +154,9 @@ def report(model, variables: Mapping[str, Any],
       (abstract ``jax.eval_shape`` leaves count as dense).
     image_size: input height = width, or (height, width).
     channels: image channels (None: the model's).
-    remove_dead: also count the filters of dead channels
-      (``models.dead_channels``, propagated to a fixed point) as removed,
-      in both measures.
+    remove_dead: count only what the physically smaller network keeps
+      (``models.graph.cut``; the MACs of ``convert.describe``), in both
+      measures.
 
   Returns:
     The ``FlopsReport``.
@@ -178,7 +177,10 @@ def report_graph(struct: graph_lib.Graph, variables: Mapping[str, Any],
   # Whole-model figures are structural: the masks decide what is removed. A
   # kernel that merely trained to zero (e.g. in an unpruned stem) still runs
   # in the packed model. (DSP's own measure keeps the reference's weight test.)
-  conns = connectivities(struct, None, masks, remove_dead)
+  # With dead structure removed they count what the compact export keeps,
+  # which also drops what reads exact zeros (DDROP zeroes pruned norms).
+  conns = connectivities(struct, params if remove_dead else None, masks,
+                         remove_dead)
   rows, alive_out, counted = [], {}, set()
   for l in struct.layers.values():
     module = {p: v for p, v in leaves.items() if p[:-1] == l.path}

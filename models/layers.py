@@ -172,11 +172,14 @@ def input_channels(model: nn.Module) -> int:
   """Image channels ``model`` takes: its ``in_channels``, else 3 (RGB).
 
   Args:
-    model: a Flax module (a zoo model, or any model taking NHWC images).
+    model: a Flax module (a zoo model, or any model taking NHWC images),
+      possibly wrapped by ``models.prunable``.
 
   Returns:
     The channel count of its input images.
   """
+  # A ``models.prunable`` wrapper takes the images of the model it wraps.
+  model = getattr(model, "plain_model", model)
   return int(getattr(model, "in_channels", 3))
 
 

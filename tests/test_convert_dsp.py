@@ -11,6 +11,8 @@ import torch
 
 import models
 from convert import cli, dsp, dsp_torch, fast, jax_side, packing, tables
+from convert import writer
+from training import artifacts
 
 
 def masked_resnet(name: str, groups: int, seed: int,
@@ -24,7 +26,7 @@ def masked_resnet(name: str, groups: int, seed: int,
   """
   model = models.create_model(name, 10)
   rng = np.random.default_rng(seed)
-  v = jax_side.random_variables(model, rng)
+  v = artifacts.random_variables(model, rng)
   for conv in tables.taking_part_convs(v, "cifar_resnet"):
     block, which = tuple(conv.split(".")[:-1]), conv.split(".")[-1][-1]
     kernel = tables.get_path(v["params"], block + (f"conv_{which}", "kernel"))
@@ -55,8 +57,8 @@ def test_export_torchscript_matches_flax(tmp_path, name, groups):
   assert max(r.max_abs_diff.values()) <= 1e-4
   io = np.load(tmp_path / dsp.REFERENCE_IO)
   loaded = torch.jit.load(str(tmp_path / dsp.PACKED))   # no map_location
-  assert np.abs(dsp.torch_logits(loaded, io["images"]) - io["logits"]).max() <= 1e-4
-  most = max(max(a, b) for a, b in r.branches.values())
+  assert np.abs(writer.torch_logits(loaded, io["images"]) - io["logits"]).max() <= 1e-4
+  most = max(max(a, b) for a, b in r.details["branches"].values())
   assert most <= groups
   names = {m.original_name for _, m in loaded.named_modules()}
   assert f"Sampler_T{most}" in names and "Compactblock" in names
@@ -80,13 +82,13 @@ def test_program_and_state_dict_and_empty_block(tmp_path):
   assert set(r.files) >= {dsp.PACKED, dsp.PROGRAM, dsp.STATE_DICT,
                           dsp.REFERENCE_IO, fast.FAST, fast.FAST_PROGRAM,
                           fast.FAST_PLAN}
-  assert r.branches["stage_2.0"] == (0, 0)
+  assert r.details["branches"]["stage_2.0"] == (0, 0)
   io = np.load(tmp_path / dsp.REFERENCE_IO)
   prog = torch.export.load(str(tmp_path / dsp.PROGRAM)).module()
-  assert np.abs(dsp.torch_logits(prog, io["images"]) - io["logits"]).max() <= 1e-4
+  assert np.abs(writer.torch_logits(prog, io["images"]) - io["logits"]).max() <= 1e-4
   sd = torch.load(tmp_path / dsp.STATE_DICT, weights_only=True)
   assert sd["stage_1.0.conv_a.mask"].shape == (4, 4, 1, 1)
-  got = dsp.torch_logits(lambda x: dsp_torch.dense_forward(sd, x), io["images"])
+  got = writer.torch_logits(lambda x: dsp_torch.dense_forward(sd, x), io["images"])
   assert np.abs(got - io["logits"]).max() <= 1e-4
   with pytest.warns(UserWarning, match="TorchScript"):
     ts = torch.load(tmp_path / dsp.PACKED, weights_only=False)  # no map_location
@@ -130,7 +132,7 @@ def test_mismatch_raises(tmp_path):
   v["batch_stats"]["stage_1"]["0"]["bn_a"]["mean"][0] = 0.0
   kb = v["masks"]["stage_1"]["0"]["conv_b"]["kernel"]
   kb[0, kb.sum(0) > 0] = 1
-  with pytest.raises(dsp.ConversionMismatch, match="logits differ"):
+  with pytest.raises(writer.ConversionMismatch, match="logits differ"):
     dsp.export_packed(model, v, tmp_path, program=False)
   assert not (tmp_path / dsp.PACKED).exists()
 
@@ -153,11 +155,11 @@ def test_cli_import_inspect_export(tmp_path, capsys):
   dsp.export_packed(model, v, tmp_path / "a", program=False)
   assert cli.main(["import", str(tmp_path / "a" / dsp.PACKED),
                    "--out", str(tmp_path / "vars")]) == 0
-  m2, v2, info = jax_side.load_variables(tmp_path / "vars")
+  m2, v2, info = artifacts.load_variables(tmp_path / "vars")
   assert info["model"] == "cifar_resnet8"
-  x = dsp.random_images(2)
-  np.testing.assert_allclose(jax_side.logits(m2, v2, x),
-                             jax_side.logits(model, v, x), atol=1e-4)
+  x = writer.random_images(2)
+  np.testing.assert_allclose(artifacts.logits(m2, v2, x),
+                             artifacts.logits(model, v, x), atol=1e-4)
   assert cli.main(["inspect", str(tmp_path / "vars")]) == 0
   out = capsys.readouterr().out
   assert "stage_1.0" in out and "P.FLOPS" in out
@@ -182,8 +184,14 @@ def test_cli_exports_a_training_stage_directory(tmp_path):
                                     {"model": "cifar_resnet8", "method": "dsp"})
   ck.save_best(4, ts, {"best": 0.5})
   ck.close()
+  # The run records its model when it starts; without the record the stage
+  # directory cannot be rebuilt: one line naming the file.
   assert cli.main(["export", str(tmp_path / "finetune"), "--out",
-                   str(tmp_path / "export"), "--no-program"]) == 0
+                   str(tmp_path / "export")]) == 2
+  artifacts.save_architecture(tmp_path, "cifar_resnet8", 10, {})
+  assert cli.main(["export", str(tmp_path / "finetune"), "--out",
+                   str(tmp_path / "export"), "--no-program", "--format",
+                   "packed"]) == 0
   io = np.load(tmp_path / "export" / dsp.REFERENCE_IO)
-  np.testing.assert_allclose(io["logits"], jax_side.logits(model, v, io["images"]),
+  np.testing.assert_allclose(io["logits"], artifacts.logits(model, v, io["images"]),
                              atol=1e-5)

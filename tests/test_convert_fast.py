@@ -17,6 +17,8 @@ from torch.nn import functional as F
 import models
 from convert import cli, dsp, dsp_torch, fast, fast_jax, fast_specs, jax_side
 from convert import slim
+from convert import writer
+from training import artifacts
 from ddrop_jax import pruning, selection
 from ddrop_jax.config import DdropConfig
 from test_convert_dsp import masked_resnet
@@ -51,13 +53,13 @@ def test_fast_model_equals_masked_jax(name, groups, fmt):
   spec = fast_specs.from_packed(jax_side.plan_from_variables(v), name)
   assert spec.pruned
   plan = fast.make_plan(spec, memory_format=fmt)
-  x = dsp.random_images(2, seed=5)
+  x = writer.random_images(2, seed=5)
   want = masked_logits(name, v, x)
   assert np.abs(want).max() > 1e-2  # not a vacuous comparison
   # float32 rounding grows with the logits, which reach ~1e3 in a random
   # ResNet-56: compare at the scale of logits of magnitude 10.
   tol = ATOL * max(1.0, float(np.abs(want).max()) / 10)
-  got = dsp.torch_logits(fast.build_torch(spec, plan), x)
+  got = writer.torch_logits(fast.build_torch(spec, plan), x)
   assert np.abs(got - want).max() <= tol
   # More than one formulation is in use, and the model saves MACs.
   assert len(plan.large.info["formulations"]) > 1 or groups == 1
@@ -69,7 +71,7 @@ def test_fast_model_equals_masked_jax(name, groups, fmt):
 def test_export_writes_fast_files_that_load_without_project_code(tmp_path):
   _, v = dsp_pruned("cifar_resnet8", 4)
   spec = fast_specs.from_packed(jax_side.plan_from_variables(v), "r8")
-  x = dsp.random_images(3, seed=1)
+  x = writer.random_images(3, seed=1)
   want = masked_logits("cifar_resnet8", v, x)
   np.savez(tmp_path / dsp.REFERENCE_IO, images=x,
            images_nchw=x.transpose(0, 3, 1, 2), logits=want)
@@ -89,7 +91,7 @@ def test_export_writes_fast_files_that_load_without_project_code(tmp_path):
            logits=big_want)
   prog = torch.export.load(str(tmp_path / fast.FAST_PROGRAM)).module()
   for xb, wb in ((x[:1], want[:1]), (x, want), (big, big_want)):
-    assert np.abs(dsp.torch_logits(prog, xb) - wb).max() <= ATOL
+    assert np.abs(writer.torch_logits(prog, xb) - wb).max() <= ATOL
   dense = fast_specs.from_packed(jax_side.plan_from_variables(
       {k: v[k] for k in ("params", "batch_stats")}), "d")
   assert plan.info["macs"] < 0.8 * fast.spec_macs(dense)
@@ -125,8 +127,8 @@ def test_released_files_imported_fast_equals_masked_jax(name, tmp_path):
   model_name, overrides, v = jax_side.variables_from_plan(plan)
   model = models.create_model(model_name, plan.num_classes, **overrides)
   spec = fast_specs.from_packed(plan, model_name)
-  x = dsp.random_images(2, seed=9)
-  want = jax_side.logits(model, v, x)
+  x = writer.random_images(2, seed=9)
+  want = artifacts.logits(model, v, x)
   r = fast.export_fast(spec, tmp_path, x, want, program=False)
   assert max(r.max_abs_diff.values()) <= ATOL
   if name == "resnet20_g4":
@@ -137,9 +139,9 @@ def test_released_files_imported_fast_equals_masked_jax(name, tmp_path):
 
 def ddrop_slimmed(name: str, amount: float = 0.5):
   model = models.create_model(name, 10)
-  v = jax_side.random_variables(model, 0)
+  v = artifacts.random_variables(model, 0)
   layers = selection.prune_layers(model, selection.ddrop_layers(model), True)
-  v = jax_side.to_numpy_tree(pruning.prune(v, layers,
+  v = artifacts.to_numpy_tree(pruning.prune(v, layers,
                                            DdropConfig(amount=amount)))
   return model, v
 
@@ -153,11 +155,11 @@ def test_ddrop_slim_fast_equals_masked_jax(name, tmp_path):
   module, summary = slim.slim(model, v)
   spec = fast_specs.from_slim(module, name, 32)
   params, apply = fast_jax.compact(spec)
-  x = dsp.random_images(2, seed=3)
-  want = jax_side.logits(model, v, x)
+  x = writer.random_images(2, seed=3)
+  want = artifacts.logits(model, v, x)
   assert np.abs(np.asarray(jax.jit(apply)(params, x)) - want).max() <= ATOL
   ts = torch.jit.load(str(tmp_path / fast.FAST))
-  assert np.abs(dsp.torch_logits(ts, x) - want).max() <= ATOL
+  assert np.abs(writer.torch_logits(ts, x) - want).max() <= ATOL
   if name == "cifar_resnet18":
     # Exact residual forms: every block-last conv lost filters, so each is
     # an index-add or a zero-padded conv with a plain add.
@@ -327,8 +329,8 @@ def test_cached_plan_for_another_model_or_torch_is_ignored(tmp_path):
 
 def test_nothing_pruned_is_the_folded_dense_model(tmp_path, capsys):
   model = models.create_model("cifar_resnet8", 10)
-  v = jax_side.random_variables(model, 0)
-  jax_side.save_variables(tmp_path / "vars", "cifar_resnet8", 10, {}, v)
+  v = artifacts.random_variables(model, 0)
+  artifacts.save_variables(tmp_path / "vars", "cifar_resnet8", 10, {}, v)
   assert cli.main(["export", str(tmp_path / "vars"), "--out",
                    str(tmp_path / "out"), "--no-program"]) == 0
   out = capsys.readouterr().out
@@ -347,14 +349,14 @@ def test_nothing_pruned_is_the_folded_dense_model(tmp_path, capsys):
     assert op not in code
   sd = dsp.dense_state_dict(v)
   io = np.load(tmp_path / "out" / dsp.REFERENCE_IO)
-  dense = dsp.torch_logits(lambda x: dsp_torch.dense_forward(sd, x),
+  dense = writer.torch_logits(lambda x: dsp_torch.dense_forward(sd, x),
                            io["images"])
-  assert np.abs(dsp.torch_logits(ts, io["images"]) - dense).max() <= ATOL
+  assert np.abs(writer.torch_logits(ts, io["images"]) - dense).max() <= ATOL
 
 
 def test_cli_reuses_a_plan_and_ignores_a_foreign_one(tmp_path, capsys):
   model, v = dsp_pruned("cifar_resnet8", 2)
-  jax_side.save_variables(tmp_path / "vars", "cifar_resnet8", 10, {}, v)
+  artifacts.save_variables(tmp_path / "vars", "cifar_resnet8", 10, {}, v)
   other = tmp_path / "other.json"
   fast.make_plan(fast_specs.from_packed(jax_side.plan_from_variables(
       dsp_pruned("cifar_resnet8", 4)[1]), "x")).save(other)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from convert import dsp, dsp_torch, jax_side, packing, tables
+from convert import dsp, dsp_torch, packing, tables
+from convert import writer
+from training import artifacts
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 CKPTS = SHARED / "reference" / "dsp_checkpoints"
@@ -35,10 +37,10 @@ def test_import_logits_equal_torchscript(name):
   assert r.max_abs_diff <= 1e-4
   assert r.model_name == ("cifar_resnet56" if "56" in name else "cifar_resnet20")
   # Fresh random inputs, not the ones the import checked with.
-  x = dsp.random_images(3, seed=123)
+  x = writer.random_images(3, seed=123)
   ts = torch.jit.load(str(CKPTS / f"{name}.pt"), map_location="cpu")
-  got = jax_side.logits(r.model(), r.variables, x)
-  assert np.abs(got - dsp.torch_logits(ts, x)).max() <= 1e-4
+  got = artifacts.logits(r.model(), r.variables, x)
+  assert np.abs(got - writer.torch_logits(ts, x)).max() <= 1e-4
 
 
 def reference_pflops(variables, image_size: int = 32) -> float:

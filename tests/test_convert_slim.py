@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import models
-from convert import cli, dsp, fast, jax_side, slim
+from convert import cli, dsp, fast, formats, slim
+from convert import writer
 from convert.torch_zoo import SlimBlock, SlimLayerNorm
+from training import artifacts
 from ddrop_jax import pruning, selection
 from ddrop_jax.config import DdropConfig
 from models import resnet, vgg
@@ -23,21 +25,21 @@ ATOL = 1e-4
 def ddrop_pruned(model, scope: str = "ddrop_layers", amount: float = 0.5,
                  seed: int = 0) -> dict:
   """Random weights, then DDROP pruning (random |gamma| ranks the units)."""
-  v = jax_side.random_variables(model, seed)
+  v = artifacts.random_variables(model, seed)
   layers = selection.prune_layers(model, selection.ddrop_layers(model),
                                   scope == "all")
   out = pruning.prune(v, layers, DdropConfig(amount=amount))
-  return jax_side.to_numpy_tree(out)
+  return artifacts.to_numpy_tree(out)
 
 
 def images(model, n: int = 2) -> np.ndarray:
-  return dsp.random_images(n, getattr(model, "image_size", None) or 32, seed=1)
+  return writer.random_images(n, getattr(model, "image_size", None) or 32, seed=1)
 
 
 def assert_matches(model, variables, module) -> np.ndarray:
   x = images(model)
-  want = jax_side.logits(model, variables, x)
-  got = dsp.torch_logits(module, x)
+  want = artifacts.logits(model, variables, x)
+  got = writer.torch_logits(module, x)
   assert np.max(np.abs(got - want)) <= ATOL
   assert np.max(np.abs(want)) > 1e-2  # the comparison is not vacuous
   return want
@@ -48,7 +50,7 @@ def test_resnet_tiny_export_all_files_index_add(tmp_path):
   v = ddrop_pruned(model, scope="all")
   r = slim.export_ddrop(model, v, tmp_path, num_images=3)
   io = np.load(r.files[slim.REFERENCE_IO])
-  np.testing.assert_allclose(io["logits"], jax_side.logits(model, v,
+  np.testing.assert_allclose(io["logits"], artifacts.logits(model, v,
                                                            io["images"]),
                              atol=1e-6)
   x = io["images"]
@@ -64,10 +66,10 @@ def test_resnet_tiny_export_all_files_index_add(tmp_path):
                                     weights_only=True))
   loaded["state_dict"] = module
   for name, m in loaded.items():
-    diff = np.max(np.abs(dsp.torch_logits(m, x) - io["logits"]))
+    diff = np.max(np.abs(writer.torch_logits(m, x) - io["logits"]))
     assert diff <= ATOL, name
   assert summary.params_after < summary.params_before
-  assert r.summary.params_after == summary.params_after
+  assert r.details["summary"].params_after == summary.params_after
   # Block-last convs are slimmed and index-added; stem and shortcut keep width.
   assert summary.widths["layer1.0.conv2"] == (4, 2)
   assert summary.widths["conv1"] == (4, 4)
@@ -99,11 +101,11 @@ def test_vgg_tiny_export_and_layernorm_constants(tmp_path):
   assert set(r.max_abs_diff) == {"module", slim.TORCHSCRIPT, slim.PROGRAM,
                                  slim.STATE_DICT, fast.FAST, fast.FAST_PROGRAM}
   x = np.load(r.files[slim.REFERENCE_IO])["images"]
-  want = jax_side.logits(model, v, x)
+  want = artifacts.logits(model, v, x)
   for m in (torch.jit.load(str(r.files[slim.TORCHSCRIPT])),
             torch.export.load(str(r.files[slim.PROGRAM])).module()):
-    assert np.max(np.abs(dsp.torch_logits(m, x) - want)) <= ATOL
-  s = r.summary
+    assert np.max(np.abs(writer.torch_logits(m, x) - want)) <= ATOL
+  s = r.details["summary"]
   assert s.widths["classifier.0"] == (16, 8)
   assert s.widths["features.4"] == (8, 4)
   assert s.widths["classifier.8"] == (10, 10)
@@ -118,7 +120,7 @@ def test_vgg_layernorm_unit_with_live_row_keeps_width():
   # A LayerNorm unit masked while its Linear row is intact: its pre-norm
   # value varies with the input and enters the statistics, so it must stay.
   model = models.create_model("cifar_vgg_tiny")
-  v = jax_side.random_variables(model, 3)
+  v = artifacts.random_variables(model, 3)
   v["masks"] = models.full_masks(models.analyze(model), v["params"])
   scale = np.array(v["masks"]["classifier"]["1"]["scale"])
   scale[:8] = 0
@@ -173,7 +175,7 @@ def test_reference_models_slim_exactly(name):
 
 def test_unsupported_family_is_a_clear_error():
   model = models.create_model("cifar_resnet8")
-  v = jax_side.random_variables(model, 0)
+  v = artifacts.random_variables(model, 0)
   with pytest.raises(ValueError, match="resnet, vgg.*convert.dsp"):
     slim.slim(model, v)
   with pytest.raises(ValueError, match="batch_stats"):
@@ -199,39 +201,38 @@ def test_bottleneck_with_imagenet_stem():
 def test_command_line_exports_a_variables_directory(tmp_path, capsys):
   model = models.create_model("cifar_vgg_tiny")
   v = ddrop_pruned(model, seed=6)
-  jax_side.save_variables(tmp_path / "vars", "cifar_vgg_tiny", 10, {}, v)
+  artifacts.save_variables(tmp_path / "vars", "cifar_vgg_tiny", 10, {}, v)
   # ``python -m convert export`` picks slimming for the vgg family.
-  assert cli.export_format("cifar_vgg_tiny") == "slim"
-  assert cli.export_format("cifar_resnet8") == "packed"
+  assert formats.applicable(model, v)[0] == "slim"
   assert cli.main(["export", str(tmp_path / "vars"), "--out",
-                   str(tmp_path / "out"), "--no-program"]) == 0
+                   str(tmp_path / "out"), "--no-program", "--format",
+                   "slim"]) == 0
   out = capsys.readouterr().out
   assert "slim.pt" in out and "cifar_vgg_tiny: parameters" in out
   assert (tmp_path / "out" / slim.STATE_DICT).is_file()
   assert not (tmp_path / "out" / slim.PROGRAM).exists()
   ts = torch.jit.load(str(tmp_path / "out" / slim.TORCHSCRIPT))
   x = images(model)
-  assert np.max(np.abs(dsp.torch_logits(ts, x) -
-                       jax_side.logits(model, v, x))) <= ATOL
+  assert np.max(np.abs(writer.torch_logits(ts, x) -
+                       artifacts.logits(model, v, x))) <= ATOL
   # The wrong format for the family, or --stage with slim: exit 2, named.
   assert cli.main(["export", str(tmp_path / "vars"), "--out",
                    str(tmp_path / "o1"), "--format", "packed"]) == 2
-  assert "packed export supports the families cifar_resnet" in (
+  assert "packed export does not apply to this vgg model" in (
       capsys.readouterr().err)
   assert cli.main(["export", str(tmp_path / "vars"), "--out",
                    str(tmp_path / "o1"), "--stage", "finetuned"]) == 2
   assert "--stage" in capsys.readouterr().err
   assert not (tmp_path / "o1").exists()
-  # ``python -m convert.slim`` is the same command with --format slim.
-  assert slim.main([str(tmp_path / "missing"), "--out",
-                    str(tmp_path / "o2")]) == 2
+  assert cli.main(["export", str(tmp_path / "missing"), "--out",
+                   str(tmp_path / "o2")]) == 2
   assert "not a converted-variables directory" in capsys.readouterr().err
 
 
 def test_command_line_subprocess_slims_a_resnet(tmp_path):
   model = models.create_model("cifar_resnet10_tiny")
   v = ddrop_pruned(model, scope="all", seed=8)
-  jax_side.save_variables(tmp_path / "vars", "cifar_resnet10_tiny", 10, {}, v)
+  artifacts.save_variables(tmp_path / "vars", "cifar_resnet10_tiny", 10, {}, v)
   root = pathlib.Path(__file__).resolve().parents[1]
   proc = subprocess.run(
       [sys.executable, "-m", "convert", "export", str(tmp_path / "vars"),
@@ -241,8 +242,8 @@ def test_command_line_subprocess_slims_a_resnet(tmp_path):
   assert "cifar_resnet10_tiny: parameters" in proc.stdout
   io = np.load(tmp_path / "out" / slim.REFERENCE_IO)
   ts = torch.jit.load(str(tmp_path / "out" / slim.TORCHSCRIPT))
-  assert np.max(np.abs(dsp.torch_logits(ts, io["images"]) -
-                       jax_side.logits(model, v, io["images"]))) <= ATOL
+  assert np.max(np.abs(writer.torch_logits(ts, io["images"]) -
+                       artifacts.logits(model, v, io["images"]))) <= ATOL
 
 
 def test_vgg_layer_without_units_is_a_clear_error():

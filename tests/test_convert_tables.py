@@ -10,16 +10,18 @@ import torch
 from torch import nn
 
 import models
-from convert import cli, dsp, dsp_torch, jax_side, reference, tables
+from convert import cli, dsp, dsp_torch, reference, tables
+from convert import writer
+from training import artifacts
 
 
 def random_variables(model, seed: int):
   """Random tensors in the shapes of ``model``'s variables, random masks."""
-  return jax_side.random_variables(model, seed, mask_density=0.7)
+  return artifacts.random_variables(model, seed, mask_density=0.7)
 
 
 def assert_trees_equal(a, b):
-  fa, fb = jax_side.flatten(a), jax_side.flatten(b)
+  fa, fb = artifacts.flatten(a), artifacts.flatten(b)
   assert sorted(fa) == sorted(fb)
   for k in fa:
     assert fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]), k
@@ -49,7 +51,7 @@ def test_reference_state_dict_round_trips(tmp_path, resnet8, stage):
   sd2, acc = reference.read_state_dict(path)
   assert acc == 91.25 and reference.reference_stage(sd2) == stage
   # file -> ours -> file: same keys, order and tensors.
-  v2 = reference.from_reference(sd2, jax_side.template(model))
+  v2 = reference.from_reference(sd2, artifacts.template(model))
   sd3 = reference.to_reference(v2, stage, num_batches_tracked=nbt)
   assert list(sd3) == list(sd)
   for k in sd:
@@ -70,14 +72,14 @@ def test_reference_dense_forward_matches_flax(resnet8):
   model, v = resnet8
   v = {k: v[k] for k in ("params", "batch_stats", "gates")}
   sd = reference.to_reference(v, "pretrained")
-  x = dsp.random_images(2)
-  got = dsp.torch_logits(lambda t: dsp_torch.dense_forward(sd, t), x)
-  np.testing.assert_allclose(got, jax_side.logits(model, v, x), atol=1e-4)
+  x = writer.random_images(2)
+  got = writer.torch_logits(lambda t: dsp_torch.dense_forward(sd, t), x)
+  np.testing.assert_allclose(got, artifacts.logits(model, v, x), atol=1e-4)
 
 
 def test_bad_state_dicts_name_the_key(tmp_path, resnet8):
   model, v = resnet8
-  tmpl = jax_side.template(model)
+  tmpl = artifacts.template(model)
   sd = reference.to_reference(v, "group")
   # (key, replacement or None to delete it, expected error); the error names
   # the key.
@@ -113,7 +115,7 @@ def test_cli_imports_reference_file_with_inferred_architecture(tmp_path,
   reference.save(tmp_path / "resnet8_P0g2c0.50.pkl", sd, 90.0)
   info = cli.import_file(tmp_path / "resnet8_P0g2c0.50.pkl", tmp_path / "vars")
   assert info["model"] == "cifar_resnet8" and info["meta"]["accuracy"] == 90.0
-  model, v2, spec = jax_side.load_variables(tmp_path / "vars")
+  model, v2, spec = artifacts.load_variables(tmp_path / "vars")
   assert spec["overrides"]["groups"] == 2
   assert_trees_equal(v["gates"], v2["gates"])
 
@@ -153,11 +155,11 @@ def test_vgg_imagenet_head_permutes_flatten_rows():
   assert sd["classifier.0.weight"].shape == (8, 6 * 49)
   net = TorchVGG(config, 8, 5).eval()
   net.load_state_dict({k: torch.from_numpy(np.array(a)) for k, a in sd.items()})
-  x = dsp.random_images(2)
-  np.testing.assert_allclose(dsp.torch_logits(net, x),
-                             jax_side.logits(model, v, x), atol=1e-4)
+  x = writer.random_images(2)
+  np.testing.assert_allclose(writer.torch_logits(net, x),
+                             artifacts.logits(model, v, x), atol=1e-4)
   # torchvision state dict -> ours is the exact inverse.
-  back = tables.from_torch(net.state_dict(), jax_side.template(model), "vgg")
+  back = tables.from_torch(net.state_dict(), artifacts.template(model), "vgg")
   assert_trees_equal(back, v)
 
 
@@ -175,7 +177,7 @@ def test_torchvision_resnet_names_round_trip():
   assert tables.taking_part_convs(v, "resnet")[0] == "layer1.0.conv1"
   back = tables.from_torch({k: torch.from_numpy(np.array(a))
                             for k, a in sd.items()},
-                           jax_side.template(model), "resnet")
+                           artifacts.template(model), "resnet")
   assert_trees_equal(back, v)
 
 

@@ -16,7 +16,6 @@ from flax import linen as nn
 
 import dsp_jax
 import models
-from convert import jax_side
 from dsp_jax import kernels
 from models import paths
 from dsp_jax import pipeline as dsp_pipeline
@@ -24,6 +23,7 @@ from dsp_jax import pruning as pr
 from dsp_jax import regularizer as reg
 from models import layers, resnet, vgg
 from training import finite
+from training import artifacts
 
 SIZE = 16
 FAMILIES = ("bottleneck", "basic", "vgg")
@@ -50,7 +50,7 @@ def _setup(family: str, seed: int = 0, w: int = 1):
   model = _model(family, w=w)
   size = model.image_size
   info = dsp_jax.analyze(model, (size, size, 3))
-  v = jax_side.random_variables(model, seed, size)
+  v = artifacts.random_variables(model, seed, size)
   return model, info, v
 
 
@@ -225,7 +225,7 @@ def test_generic_export_matches_the_masked_model(tmp_path, family):
   r = branched.export_branched(model, pruned, tmp_path,
                                program=family != "basic")
   assert max(r.max_abs_diff.values()) <= 1e-4
-  assert max(r.branches.values()) >= 2           # groups became branches
+  assert max(r.details["branches"].values()) >= 2           # groups became branches
   io = np.load(tmp_path / "reference_io.npz")
   loaded = torch.jit.load(str(tmp_path / branched.TORCHSCRIPT))
   with torch.no_grad():
@@ -250,27 +250,25 @@ def test_generic_export_matches_the_masked_model(tmp_path, family):
 
 
 def test_convert_export_of_a_dsp_pruned_vgg_writes_branches(tmp_path):
-  # A model with DSP group logits exports as branches by default (the files
-  # of the pack stage); without the logits it is slimmed as DDROP's.
-  from convert import branched, cli, slim  # pylint: disable=g-import-not-at-top
+  # A model with DSP group logits exports as branches (the files of the pack
+  # stage); without the logits it is slimmed as DDROP's.
+  from convert import branched, formats  # pylint: disable=g-import-not-at-top
   model, info, v = _setup("vgg", seed=3, w=2)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     res = pr.prune(v["params"], v["gates"], info, groups=2, rate=0.5)
   pruned = {**v, "params": res.params, "masks": res.masks}
-  source = {"model": "cifar_vgg11_bn", "meta": {}}  # the family decides
-  r = cli._export(model, pruned, source, tmp_path / "out", None, 0.0, False,
-                  None, None)
-  assert isinstance(r, branched.BranchedExport)
+  assert formats.applicable(model, pruned) == ["branched", "torch", "onnx"]
+  shape = (model.image_size, model.image_size, 3)
+  r = formats.export(model, pruned, tmp_path / "out", shape,
+                     formats="branched")
   assert (tmp_path / "out" / branched.BRANCHES).is_file()
+  assert max(r.details["branches"].values()) >= 2
   assert max(r.max_abs_diff.values()) <= 1e-4
-  with pytest.raises(ValueError, match="branched export has none"):
-    cli._export(model, pruned, source, tmp_path / "out2", "group", 0.0,
-                False, None, None)
+  with pytest.raises(ValueError, match="slim export does not apply"):
+    formats.export(model, pruned, tmp_path / "out2", shape, formats="slim")
   dense = {k: x for k, x in pruned.items() if k != "gates"}
-  r = cli._export(model.clone(groups=None), dense, source, tmp_path / "out3",
-                  None, 0.0, False, None, None)
-  assert isinstance(r, slim.SlimExport)
+  assert formats.applicable(model, dense) == ["slim", "fast", "torch", "onnx"]
 
 
 class _Mixing(nn.Module):

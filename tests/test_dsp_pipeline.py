@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from configs import base
-from convert import jax_side
 from convert import reference as ref_lib
+from training import artifacts
 from dsp_jax import pipeline
 
 STAGES = ["pretrain", "group", "prune_finetune/cycle_1",
@@ -82,24 +82,25 @@ def test_report_fields(full_run):
   assert [c["cycle"] for c in report["cycles"]] == [1, 2]
   assert set(report["export"]["files"]) == {
       "packed.pt", "packed.pt2", "dense_state_dict.pt", "reference_io.npz",
-      "preprocess.json", "fast.pt", "fast.pt2", "fast_plan.json"}
+      "preprocess.json", "fast.pt", "fast.pt2", "fast_plan.json",
+      "model.pt", "model.pt2", "model_state_dict.pt", "model.onnx"}
 
 
 def test_packed_torchscript_matches_pruned_model(full_run):
   workdir, _ = full_run
   packed = torch.jit.load(str(workdir / "export" / "packed.pt"))
-  model, variables, _ = jax_side.load_variables(
+  model, variables, _ = artifacts.load_variables(
       workdir / "prune_finetune" / "output")
   images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(
       np.float32)
-  want = np.asarray(jax_side.logits(model, variables, images))
+  want = np.asarray(artifacts.logits(model, variables, images))
   with torch.no_grad():
     got = packed(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
   np.testing.assert_allclose(got.numpy(), want, atol=1e-4)
   # `python -m convert export WORKDIR` reads the same result from the workdir.
-  _, from_run, _ = jax_side.load_source(workdir)
+  _, from_run, _ = artifacts.load_source(workdir)
   np.testing.assert_array_equal(
-      np.asarray(jax_side.logits(model, from_run, images)), want)
+      np.asarray(artifacts.logits(model, from_run, images)), want)
 
 
 def test_prune_finetune_alone_from_group_stage(full_run, tmp_path):

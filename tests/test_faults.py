@@ -27,6 +27,7 @@ import pytest
 
 from convert import preprocess
 from tests.test_engine import INFO, _Stream, _config, batches
+from training import artifacts
 from training import checkpoint as ckpt_lib
 from training import errors
 from training import finite
@@ -324,14 +325,14 @@ def test_full_disk_is_one_line_and_nothing_half_written_is_trusted(
     assert max(int(p.name) for p in kept) < failed
 
     # An export onto the full disk: one line, nothing recorded as done.
-    from convert import jax_side, stamp
+    from convert import stamp
     out = disk / "export"
     blob = os.urandom(3_000_000)
 
     def export():
       if not mounted:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-      path = jax_side.atomic_write(out / "model.bin", lambda f: f.write(blob))
+      path = artifacts.write_with(out / "model.bin", lambda f: f.write(blob))
       return {"files": {"model.bin": str(path)}}
 
     variables = {"params": {"w": np.ones(3, np.float32)}}
@@ -425,7 +426,6 @@ def test_interrupted_export_is_130_without_traceback_and_redone(tmp_path):
 # ------------------------------------------------------ re-running a stage
 def test_re_running_an_earlier_stage_that_would_change_is_refused(tmp_path):
   import models
-  from convert import jax_side
   from training import pipeline
   from training.report import Report
   mesh = mesh_lib.make_mesh()
@@ -448,7 +448,7 @@ def test_re_running_an_earlier_stage_that_would_change_is_refused(tmp_path):
     run("before", 0)
   # Re-run alone, 'before' leaves the figures of the later stages' model.
   model = models.create_model("cifar_resnet10_tiny", 10)
-  variables = jax_side.random_variables(model, 0)
+  variables = artifacts.random_variables(model, 0)
   for stages, merged in (("before", False), ("before,ddrop", True)):
     env = pipeline.Env(mesh, INFO, None, 4, tmp_path, Report(tmp_path), None,
                        _config(method="ddrop", stages=stages))

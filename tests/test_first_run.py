@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from training import errors, progress
+from training import artifacts
 from training.report import WIDTH, Report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -202,12 +203,12 @@ def test_export_once_skips_unchanged_and_writes_preprocess(tmp_path):
 def test_preprocess_json_reproduces_the_model_on_raw_images(tmp_path):
   import torch
   import models
-  from convert import dsp, jax_side, preprocess
+  from convert import dsp, preprocess
   from training import data, steps
   from training.datasets import digits_arrays
   info = data.get_info("digits")
   model = models.create_model("cifar_resnet8", num_classes=10, groups=2)
-  variables = jax_side.random_variables(model, 0)
+  variables = artifacts.random_variables(model, 0)
   out = tmp_path / "export"
   r = dsp.export_packed(model, variables, out, program=False)
   pre = preprocess.finish(out, info, r.files, with_preprocess=True)

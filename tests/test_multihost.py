@@ -18,8 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from convert import jax_side
+from training import artifacts
 from training import config as config_lib
 from training import launch
 from training import mesh as mesh_lib
@@ -138,10 +137,10 @@ def test_dsp_two_processes_match_one_process(tmp_path, cache):
   _single(one, DSP, devices=4, cache=cache)
   _multi(two, DSP, cache=cache)
   for stage in ("group", "prune_finetune"):
-    _, a, _ = jax_side.load_variables(one / stage / "output")
-    _, b, _ = jax_side.load_variables(two / stage / "output")
+    _, a, _ = artifacts.load_variables(one / stage / "output")
+    _, b, _ = artifacts.load_variables(two / stage / "output")
     _assert_close(a, b)
-  _, pruned, _ = jax_side.load_variables(two / "prune_finetune" / "output")
+  _, pruned, _ = artifacts.load_variables(two / "prune_finetune" / "output")
   m = np.concatenate([np.ravel(x) for x in _flat(pruned["masks"]).values()])
   assert 0 < m.mean() < 1  # A real prune, identical in both runs.
   ra, rb = (json.loads((d / "report.json").read_text()) for d in (one, two))

@@ -97,7 +97,8 @@ def test_l1_pruned_vgg_exports_slimmed_and_matches(vgg, tmp_path):
   out = slim.export_ddrop(model, pruned, tmp_path, 32, program=False,
                           fast_options=None)
   assert max(out.max_abs_diff.values()) < 1e-4
-  assert out.summary.params_after < out.summary.params_before
+  summary = out.details["summary"]
+  assert summary.params_after < summary.params_before
 
 
 @pytest.mark.slow

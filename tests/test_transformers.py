@@ -19,8 +19,10 @@ import ddrop_jax as dd
 import models
 from configs import base
 from convert import dsp, jax_side, pretrained, slim, transformers
+from convert import writer
 from models import graph as structure_lib
 from training import config as config_lib
+from training import artifacts
 
 ATOL = 1e-4
 
@@ -268,11 +270,11 @@ def to_timm(sd):
 
 
 def _images(n=3, size=32):
-  return dsp.random_images(n, size, seed=3)
+  return writer.random_images(n, size, seed=3)
 
 
 def _ref_logits(module, x):
-  return dsp.torch_logits(module, x)
+  return writer.torch_logits(module, x)
 
 
 def _logits(model, variables, x):
@@ -284,7 +286,7 @@ def _logits(model, variables, x):
 
 def _flax(name, **kw):
   model = models.create_model(name, kw.pop("num_classes", 10), **kw)
-  return model, jax_side.template(model, model.image_size)
+  return model, artifacts.template(model, model.image_size)
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +351,7 @@ def test_position_embedding_resize_is_torch_bicubic():
 def test_other_image_size_resizes_the_position_embedding_and_head_is_replaced():
   sd = ref_vit(classes=7).state_dict()
   model = models.create_model("vit_tiny", 10, image_size=48)
-  fresh = jax_side.random_variables(model, 0)
+  fresh = artifacts.random_variables(model, 0)
   lines = []
   v = pretrained.load_state_dict(sd, model, "vit_tiny", fresh, lines.append)
   assert v["params"]["encoder"]["pos_embedding"].shape == (1, 37, 32)
@@ -372,7 +374,7 @@ def test_structure_separates_mlp_units_from_attention():
   attn = [l for l in s.producers if "self_attention" in l.path]
   assert attn and all(l.path in s.mixed for l in attn)
   # Dead-unit detection: a zero DDROP scale kills exactly those fc1 units.
-  v = jax_side.random_variables(model, 0)
+  v = artifacts.random_variables(model, 0)
   scale = v["params"]["encoder"]["layers"]["encoder_layer_1"]["mlp"][
       "dummy_norm"]["scale"]
   scale[:5] = 0
@@ -385,7 +387,7 @@ def test_structure_separates_mlp_units_from_attention():
 @pytest.mark.parametrize("name", ["vit_tiny", "swin_tiny"])
 def test_ddrop_acts_on_exactly_the_mlp_hidden_units(name):
   model = models.create_model(name, 10, mlp_scale=True)
-  v = jax_side.random_variables(model, 0)
+  v = artifacts.random_variables(model, 0)
   layers = dd.ddrop_layers(model)
   blocks = 2 if name == "vit_tiny" else 4
   assert len(layers) == blocks
@@ -396,7 +398,7 @@ def test_ddrop_acts_on_exactly_the_mlp_hidden_units(name):
         v["params"], l.producer)["kernel"].shape[1]
   cfg = dd.DdropConfig(prob=(0.2, 0.9), amount=0.25, total_steps=10)
   keep = dd.keep_probabilities(v["params"], None, 0, cfg, layers)
-  flat = jax_side.flatten(keep)
+  flat = artifacts.flatten(keep)
   assert sorted(flat) == sorted("/".join(l.path) + "/keep" for l in layers)
   # Drawn masks in training touch only those units: attention is untouched.
   x = jnp.asarray(_images(2))
@@ -409,8 +411,8 @@ def test_ddrop_acts_on_exactly_the_mlp_hidden_units(name):
     # Per sample, dropped units are zero at every token.
     dropped = np.all(y == 0, axis=tuple(range(1, y.ndim - 1)))
     assert 0 < dropped.mean() < 1
-  pruned = jax_side.to_numpy_tree(dd.prune(v, layers, cfg))
-  for path, m in jax_side.flatten(pruned["masks"]).items():
+  pruned = artifacts.to_numpy_tree(dd.prune(v, layers, cfg))
+  for path, m in artifacts.flatten(pruned["masks"]).items():
     zeros = int((m == 0).sum())
     if path.endswith("mlp/fc1/kernel"):
       units = m.shape[1]
@@ -421,25 +423,25 @@ def test_ddrop_acts_on_exactly_the_mlp_hidden_units(name):
       assert zeros == 0, path
   # L1 on the DDROP scales only.
   mask = dd.l1_mask(layers)(v["params"])
-  on = [k for k, b in jax_side.flatten(mask).items() if b]
+  on = [k for k, b in artifacts.flatten(mask).items() if b]
   assert sorted(on) == sorted("/".join(l.path) + "/scale" for l in layers)
 
 
 @pytest.mark.parametrize("name", ["vit_tiny", "swin_tiny"])
 def test_slim_export_matches_masked_jax_with_fewer_params(name, tmp_path):
   model = models.create_model(name, 10, mlp_scale=True)
-  v = jax_side.random_variables(model, 0)
-  pruned = jax_side.to_numpy_tree(dd.prune(v, dd.ddrop_layers(model),
+  v = artifacts.random_variables(model, 0)
+  pruned = artifacts.to_numpy_tree(dd.prune(v, dd.ddrop_layers(model),
                                            dd.DdropConfig(amount=0.5)))
   if name == "vit_tiny":
     out = slim.export_ddrop(model, pruned, tmp_path, program=False)
     assert max(out.max_abs_diff.values()) <= ATOL
-    s = out.summary
+    s = out.details["summary"]
     sd = torch.load(out.files[slim.STATE_DICT], weights_only=True)
   else:  # The module only (the files are written as for the ViT).
     module, s = slim.slim(model, pruned)
     x = _images(2)
-    assert np.max(np.abs(dsp.torch_logits(module, x) -
+    assert np.max(np.abs(writer.torch_logits(module, x) -
                          _logits(model, pruned, x))) <= ATOL
     sd = module.state_dict()
   assert s.params_after < s.params_before
@@ -469,17 +471,17 @@ def test_bad_inputs_are_clear_errors():
   with pytest.raises(KeyError, match="cifar_resnet10_tiny.*conv1.weight"):
     pretrained.load_state_dict(ref_vit().state_dict(), cnn,
                                "cifar_resnet10_tiny",
-                               jax_side.random_variables(cnn, 0))
+                               artifacts.random_variables(cnn, 0))
   # Pruning every hidden unit of a block cannot be slimmed: named.
   vit = models.create_model("vit_tiny", 10, mlp_scale=True)
-  v = jax_side.random_variables(vit, 0)
+  v = artifacts.random_variables(vit, 0)
   empty = dd.prune(v, dd.ddrop_layers(vit), dd.DdropConfig(amount=1.0))
   with pytest.raises(ValueError, match="encoder_layer_0.mlp keeps none"):
-    slim.slim(vit, jax_side.to_numpy_tree(empty))
+    slim.slim(vit, artifacts.to_numpy_tree(empty))
   with pytest.raises(ValueError, match="image size 30.*patch size 8"):
-    jax_side.template(models.create_model("vit_tiny", 10, image_size=30), 30)
+    artifacts.template(models.create_model("vit_tiny", 10, image_size=30), 30)
   with pytest.raises(ValueError, match="image size 31.*patch size 2.*window 4"):
-    jax_side.template(models.create_model("swin_tiny", 10, image_size=31), 31)
+    artifacts.template(models.create_model("swin_tiny", 10, image_size=31), 31)
 
 
 def _digits_config(**kw):
@@ -520,7 +522,7 @@ def test_pretrained_start_first_evaluation_is_the_imported_accuracy(tmp_path):
   # The imported model evaluated directly.
   model = models.create_model("vit_tiny", 10)
   v = pretrained.load(tmp_path / "vit.pth", model, "vit_tiny",
-                      jax_side.random_variables(model, 0))
+                      artifacts.random_variables(model, 0))
   info = data.get_info("digits")
   mesh = mesh_lib.make_mesh()
   state = state_lib.create_train_state(
@@ -535,9 +537,9 @@ def test_pretrained_start_first_evaluation_is_the_imported_accuracy(tmp_path):
 
 def test_torchvision_cnn_state_dict_start_replaces_a_head_of_other_classes():
   src = models.create_model("cifar_resnet10_tiny", 7)
-  sd = jax_side.tables.to_torch(jax_side.random_variables(src, 1), "resnet")
+  sd = jax_side.tables.to_torch(artifacts.random_variables(src, 1), "resnet")
   model = models.create_model("cifar_resnet10_tiny", 10)
-  fresh = jax_side.random_variables(model, 0)
+  fresh = artifacts.random_variables(model, 0)
   lines = []
   v = pretrained.load_state_dict(sd, model, "cifar_resnet10_tiny", fresh,
                                  lines.append)
@@ -555,7 +557,7 @@ def test_convert_import_reads_a_timm_file(tmp_path):
   torch.save(to_timm(ref_vit().state_dict()), tmp_path / "vit.pth")
   assert cli.main(["import", str(tmp_path / "vit.pth"), "--model", "vit_tiny",
                    "--out", str(tmp_path / "imp")]) == 0
-  model, v, info = jax_side.load_variables(tmp_path / "imp")
+  model, v, info = artifacts.load_variables(tmp_path / "imp")
   assert info["model"] == "vit_tiny"
   x = _images(2)
   assert np.max(np.abs(_logits(model, v, x) -

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import models
+from training import artifacts
 from training import config as config_lib
 from training import data
 from training import loop
@@ -119,6 +120,10 @@ def setup(config: Mapping[str, Any], workdir: str | pathlib.Path) -> Env:
                   dataset=config["dataset"],
                   config=config_lib.to_dict(config))
   dtype = jnp.dtype(config["dtype"])
+  if jax.process_index() == 0:
+    # What a stage directory's checkpoints are rebuilt into.
+    artifacts.save_architecture(workdir, config["model"], info.num_classes,
+                                model_overrides(config))
   return Env(mesh, info, data_dir, spe, workdir, report, dtype, config)
 
 
@@ -215,29 +220,26 @@ def make_evaluator(config: Mapping[str, Any], env: Env, model: Any,
   return eval_fn
 
 
-def build_model(config: Mapping[str, Any], num_classes: int,
-                **overrides: Any) -> Any:
-  """The config's model, for every pipeline.
+def model_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The model attributes a run sets beside the registry's defaults.
 
-  The CIFAR torchvision-layout ResNets take ``width_factor`` (0: 2 for
-  CIFAR-100 and 1 otherwise, as the DDROP reference does), the ResNets
-  ``widths`` (e.g. the half-width ResNet-20 ``8,16,32``). The model takes
-  the dataset's images: its ``image_size`` and ``in_channels`` are set from
-  them where they differ from the registry's defaults (Fashion-MNIST:
-  28x28x1).
+  ``model_args``; ``width_factor`` for the CIFAR torchvision-layout ResNets
+  (0: 2 for CIFAR-100 and 1 otherwise, as the DDROP reference does);
+  ``widths`` for the ResNets (e.g. the half-width ResNet-20 ``8,16,32``);
+  the dataset's image size and channels where they differ from the
+  registry's defaults (Fashion-MNIST: 28x28x1); DDROP's per-unit MLP scale
+  in transformers.
 
   Args:
-    config: the run config (``model``, ``model_args``).
-    num_classes: classifier outputs.
-    **overrides: further model attributes, and ``groups`` (DSP gates).
+    config: the run config.
 
   Returns:
-    The Flax module, wrapped by ``models.prunable``.
+    The overrides of ``models.create_model``.
   """
   name, factor = config["model"], config["width_factor"]
   spec = models.model_spec(name)
-  if config["model_args"].strip():
-    overrides = {**json.loads(config["model_args"]), **overrides}
+  overrides = dict(json.loads(config["model_args"])
+                   if config["model_args"].strip() else {})
   if spec.family == "resnet" and spec.image_size == 32 and not spec.tiny:
     overrides.setdefault(
         "factor", factor or (2 if config["dataset"] == "cifar100" else 1))
@@ -264,7 +266,23 @@ def build_model(config: Mapping[str, Any], num_classes: int,
   if config["method"] == "ddrop" and spec.family in TRANSFORMER_FAMILIES:
     # DDROP acts on a per-unit scale after every MLP's first Linear.
     overrides.setdefault("mlp_scale", True)
-  return models.create_model(name, num_classes, **overrides)
+  return overrides
+
+
+def build_model(config: Mapping[str, Any], num_classes: int,
+                **overrides: Any) -> Any:
+  """The config's model, for every pipeline.
+
+  Args:
+    config: the run config (``model`` and ``model_overrides``' fields).
+    num_classes: classifier outputs.
+    **overrides: further model attributes, and ``groups`` (DSP gates).
+
+  Returns:
+    The Flax module, wrapped by ``models.prunable``.
+  """
+  return models.create_model(config["model"], num_classes,
+                             **{**model_overrides(config), **overrides})
 
 
 # Registry families of the vision transformers (models.vit, models.swin).

@@ -13,12 +13,15 @@ from models.graph.core import (BATCH, CHANNELS, MIXES, NONE, READS_ALL,
                                UNKNOWN, Block, Graph,
                                LayerInfo, accepts_train, analyze, apply_fn,
                                check_followed, hashable, train_kwargs)
+from models.graph.cut import (Branch, Cut, LayerCut, cut, kept_of,
+                              space_channels)
 from models.graph.liveness import (Evaluation, connectivity, dead_channels,
                                    evaluate, norm_alive, zero_dead)
 
 __all__ = [
-    "BATCH", "Block", "CHANNELS", "Evaluation", "NONE", "Graph", "LayerInfo", "MIXES", "READS_ALL",
-    "UNKNOWN", "accepts_train", "analyze", "apply_fn", "check_followed",
-    "connectivity", "dead_channels", "evaluate", "hashable", "norm_alive",
-    "train_kwargs", "zero_dead",
+    "BATCH", "Block", "Branch", "CHANNELS", "Cut", "Evaluation", "Graph",
+    "LayerCut", "LayerInfo", "MIXES", "NONE", "READS_ALL", "UNKNOWN",
+    "accepts_train", "analyze", "apply_fn", "check_followed", "connectivity",
+    "cut", "dead_channels", "evaluate", "hashable", "kept_of", "norm_alive",
+    "space_channels", "train_kwargs", "zero_dead",
 ]

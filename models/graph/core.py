@@ -366,7 +366,7 @@ def _analyze(model, hw: tuple[int, int], channels: int) -> Graph:
       for o in out_acts]) - {walker.IMAGE}
   for o in out_acts:
     if o.aligned:
-      walker._node("sink", len(o.ref), (o.ref,))  # pylint: disable=protected-access
+      walker._node("sink", len(o.ref), (o.ref,), gid=o.gid)  # pylint: disable=protected-access
   return _build(walker, hw + (channels,), out_flow, paths, leaves)
 
 

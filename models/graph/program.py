@@ -81,6 +81,8 @@ class Node:
     centres: ``norm``: the module subtracts batch statistics (BatchNorm).
     spatial: ``depthwise``: the kernel is larger than 1x1 or pads, so a
       non-zero constant input channel does not stay constant.
+    gid: the walk's channel id of every element (which producer channel it
+      carries; ``Graph.gid_space`` maps it to a space and channel).
   """
 
   kind: str
@@ -94,6 +96,7 @@ class Node:
   factor: float = 1.0
   centres: bool = False
   spatial: bool = True
+  gid: np.ndarray | None = None
   # Filled by ``Program``: per operand, (node, positions, elements) groups.
   _groups: tuple = ()
 

@@ -177,9 +177,9 @@ class Walker:
       self.parent[rb] = ra
 
   def _node(self, kind: str, size: int, inputs: Sequence[np.ndarray] = (),
-            **kw) -> np.ndarray:
+            gid: np.ndarray | None = None, **kw) -> np.ndarray:
     self.nodes.append(prog.Node(kind, size, tuple(
-        np.asarray(r, np.int64) for r in inputs), **kw))
+        np.asarray(r, np.int64) for r in inputs), gid=gid, **kw))
     return prog.ref(len(self.nodes) - 1, np.arange(size))
 
   def _mark(self, flow: Iterable[Path], category: str, primitive: str
@@ -199,7 +199,7 @@ class Walker:
     marked when it lost its alignment.
     """
     if a.aligned:
-      self._node("sink", len(a.ref), (a.ref,))
+      self._node("sink", len(a.ref), (a.ref,), gid=a.gid)
       self._mark(a.flow, category, primitive)
     return _Act(None, None, None, a.flow, a.trail)
 
@@ -227,7 +227,7 @@ class Walker:
 
   def image(self, channels: int, axis: int = 3) -> _Act:
     gid = self._new_block(self.IMAGE, channels)
-    ref = self._node("input", channels)
+    ref = self._node("input", channels, gid=gid)
     return _Act(axis, gid, ref, frozenset({self.IMAGE}), ())
 
   def _eqn(self, eqn, ins: list[Any]) -> list[Any]:
@@ -282,7 +282,8 @@ class Walker:
       ref = a.ref
       if name == "reduce_sum":
         n = int(np.prod([in_shapes[0][r] for r in red]))
-        ref = self._node("scale", len(a.ref), (a.ref,), factor=float(n))
+        ref = self._node("scale", len(a.ref), (a.ref,), gid=a.gid,
+                         factor=float(n))
       return [dataclasses.replace(a, axis=axis, ref=ref, norm=None,
                                   uniform=frozenset())] * n_out
     if name in _WINDOW_REDUCTIONS and ins[0] is a:
@@ -294,7 +295,7 @@ class Walker:
       ref = a.ref
       if name != "reduce_window_max":
         # Sums over windows (average pooling) may include padding.
-        ref = self._node("pad", len(a.ref), (a.ref,))
+        ref = self._node("pad", len(a.ref), (a.ref,), gid=a.gid)
       return [dataclasses.replace(a, ref=ref, norm=None)] * n_out
     if name == "transpose" and ins[0] is a:
       perm = tuple(eqn.params["permutation"])
@@ -344,7 +345,7 @@ class Walker:
     if name not in ELEMENTWISE and not _is_elementwise_call(eqn):
       return None
     fn = _equation_function(eqn, ins.index(a), a.axis)
-    ref = self._node("act", len(a.ref), (a.ref,), fn=fn)
+    ref = self._node("act", len(a.ref), (a.ref,), gid=a.gid, fn=fn)
     return dataclasses.replace(a, ref=ref, norm=None, uniform=frozenset())
 
   def _elementwise(self, eqn, ins, acts, flow, trail) -> _Act:
@@ -365,7 +366,8 @@ class Walker:
     if not others:
       # One activation with non-literal constants: its values are not
       # modelled, its channels stay.
-      ref = self._node("opaque", len(base.ref), (base.ref,))
+      ref = self._node("opaque", len(base.ref), (base.ref,),
+                       gid=base.gid)
       return dataclasses.replace(base, ref=ref, norm=None)
     if all(a.aligned for a in acts):
       # Two aligned activations: their channels are coupled.
@@ -375,7 +377,8 @@ class Walker:
         return _Act(None, None, None, flow, trail)
       kind = ("sum" if name in _SUMS else "prod" if name == "mul"
               else "opaque")
-      ref = self._node(kind, len(base.ref), [a.ref for a in acts])
+      ref = self._node(kind, len(base.ref), [a.ref for a in acts],
+                       gid=base.gid)
       return _Act(base.axis, base.gid, ref, flow, trail, uniform - {
           base.axis})
     # An aligned activation and a statistic (unaligned): LayerNorm's
@@ -386,7 +389,8 @@ class Walker:
       ref = base.ref
       if not (self.nodes[int(ref[0] >> prog.SHIFT)].kind == "stat"
               and base.norm is None):
-        ref = self._node("stat", len(base.ref), (base.ref,))
+        ref = self._node("stat", len(base.ref), (base.ref,),
+                         gid=base.gid)
       return _Act(base.axis, base.gid, ref, flow, trail,
                   uniform - {base.axis})
     for a in acts:
@@ -420,13 +424,14 @@ class Walker:
           self.affine.setdefault(leaf, dict(
               leaf=leaf, gid=a.gid, order=len(self.records) + len(
                   self.affine)))
-          ref = self._node("affine", len(a.ref), (a.ref,), leaf=leaf, op=op,
+          ref = self._node("affine", len(a.ref), (a.ref,), gid=a.gid, leaf=leaf,
+                           op=op,
                            index=np.arange(len(a.ref)))
           return dataclasses.replace(a, ref=ref, norm=None,
                                      uniform=frozenset())
     # Variables that vary along other axes (positional embeddings) or mix:
     # the channels stay aligned, their values are not modelled.
-    ref = self._node("opaque", len(a.ref), (a.ref,))
+    ref = self._node("opaque", len(a.ref), (a.ref,), gid=a.gid)
     return dataclasses.replace(a, ref=ref, norm=None, uniform=frozenset())
 
   def _is_output_of(self, a: _Act, module: Path) -> bool:
@@ -441,7 +446,7 @@ class Walker:
       raise WalkError(f"norm {'.'.join(module)} is called more than once; "
                       "shared layers are unsupported")
     c = eqn.outvars[0].aval.shape[a.axis]
-    ref = self._node("norm", c, (a.ref,), layer=module,
+    ref = self._node("norm", c, (a.ref,), gid=a.gid, layer=module,
                      index=np.arange(c), centres=module in self.centring)
     src = self.nodes[int(a.ref[0] >> prog.SHIFT)]
     follows = None
@@ -513,7 +518,7 @@ class Walker:
       axis = len(lb) + free[0].index(a.axis)
     else:
       axis = len(lb) + len(free[0]) + free[1].index(a.axis)
-    ref = self._node("opaque", len(a.ref), (a.ref,))
+    ref = self._node("opaque", len(a.ref), (a.ref,), gid=a.gid)
     return dataclasses.replace(a, axis=axis, ref=ref, norm=None)
 
   def _kernel_of(self, w: Any, what: str, ndim: int) -> Path:
@@ -576,11 +581,11 @@ class Walker:
         depthwise=depthwise, padded=padded)
     axis = dn.out_spec[1]
     if depthwise and lhs.aligned:
-      ref = self._node("depthwise", out_f, (lhs.ref,), layer=path,
+      ref = self._node("depthwise", out_f, (lhs.ref,), gid=lhs.gid, layer=path,
                        spatial=padded or ksize != (1, 1))
       return _Act(axis, lhs.gid, ref, lhs.flow, lhs.trail)
     gid = self._new_block(path, out_f)
-    ref = self._node("source", out_f, layer=path)
+    ref = self._node("source", out_f, gid=gid, layer=path)
     return _Act(axis, gid, ref, frozenset({path}), lhs.trail + (path,))
 
   def _dense(self, eqn, ins) -> _Act:
@@ -606,7 +611,7 @@ class Walker:
                         feature_groups=1, depthwise=False, padded=False,
                         positions=positions, in_rank=len(xshape))
     gid = self._new_block(path, out_f)
-    ref = self._node("source", out_f, layer=path)
+    ref = self._node("source", out_f, gid=gid, layer=path)
     # dot_general output: x's free dims then w's free dims; units are last.
     return _Act(len(oshape) - 1, gid, ref, frozenset({path}),
                 x.trail + (path,))
@@ -676,13 +681,14 @@ class Walker:
       cfg = eqn.params["padding_config"]
       if cfg[a.axis] != (0, 0, 0):
         return None
-      ref = self._node("pad", len(a.ref), (a.ref,))
+      ref = self._node("pad", len(a.ref), (a.ref,), gid=a.gid)
       return dataclasses.replace(a, ref=ref, norm=None)
     if name == "concatenate" and len(acts) > 1:
-      ref = self._node("opaque", len(a.ref), [x.ref for x in acts])
+      ref = self._node("opaque", len(a.ref), [x.ref for x in acts],
+                       gid=a.gid)
       return _Act(a.axis, a.gid, ref, flow, trail)
     if name == "concatenate":  # with variables (a class token): not modelled
-      ref = self._node("opaque", len(a.ref), (a.ref,))
+      ref = self._node("opaque", len(a.ref), (a.ref,), gid=a.gid)
       return _Act(a.axis, a.gid, ref, flow, trail)
     return dataclasses.replace(a, norm=None)
 
