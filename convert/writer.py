@@ -72,7 +72,8 @@ def random_images(n: int, image_size: int | tuple[int, int] = 32,
 
 def torch_logits(module: Any, images_nhwc: np.ndarray) -> np.ndarray:
   """Logits of a torch module (eval, no grad) for NHWC images."""
-  x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+  # A copy: a 1-channel transpose is already contiguous, and read-only.
+  x = torch.from_numpy(np.array(images_nhwc.transpose(0, 3, 1, 2), order="C"))
   # No profiling/fusion passes: one call, and they cost seconds on CPU.
   with torch.no_grad(), torch.jit.optimized_execution(False):
     return module(x).detach().cpu().numpy()

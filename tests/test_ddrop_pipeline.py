@@ -98,7 +98,8 @@ def test_export_matches_the_flax_model(run):
   files = {k: workdir / "export" / k for k in (
       "slim.pt", "slim.pt2", "slim_state_dict.pt", "reference_io.npz")}
   assert set(export["files"]) == set(files) | {
-      "preprocess.json", "fast.pt", "fast.pt2", "fast_plan.json"}
+      "preprocess.json", "fast.pt", "fast.pt2", "fast_plan.json",
+      "model.pt", "model.pt2", "model_state_dict.pt", "model.onnx"}
   for f in files.values():
     assert f.exists()
   io = np.load(files["reference_io.npz"])

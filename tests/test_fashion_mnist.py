@@ -233,12 +233,15 @@ def test_one_channel_run_trains_and_exports(tiny, tmp_path):
 
 
 def test_converted_directory_rebuilds_a_one_channel_model(tmp_path):
-  from convert import jax_side
-  model = models.create_model("cifar_vgg_tiny", 10, in_channels=1,
-                              image_size=28)
+  from training import artifacts
+  overrides = {"in_channels": 1, "image_size": 28}
+  model = models.create_model("cifar_vgg_tiny", 10, **overrides)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
                          train=False)
-  jax_side.save_variables(tmp_path, "cifar_vgg_tiny", 10, {},
-                          jax.device_get(variables))
-  loaded, _, _ = jax_side.load_variables(tmp_path)
-  assert loaded.in_channels == 1
+  artifacts.save_variables(tmp_path, "cifar_vgg_tiny", 10, overrides,
+                           jax.device_get(variables))
+  loaded, back, _ = artifacts.load_variables(tmp_path)
+  assert loaded.in_channels == 1 and loaded.image_size == 28
+  x = np.asarray(jax.random.normal(jax.random.key(1), (2, 28, 28, 1)))
+  np.testing.assert_array_equal(artifacts.logits(loaded, back, x),
+                                artifacts.logits(model, variables, x))
