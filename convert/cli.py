@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import models
+from models import paths
 from convert import (dsp, fast, formats, jax_side, preprocess, reference,
                      tables, writer)
 from convert import transformers
@@ -212,7 +213,7 @@ def inspect(src: str | pathlib.Path, model_name: str | None = None) -> str:
            f"{rep.params_dense:,}, MACs {rep.macs:,} of {rep.macs_dense:,} "
            f"per image"]
   for layer in tables.find_layers(variables, family):
-    k = tables.get_path(variables[tables.PARAMS],
+    k = paths.get(variables[tables.PARAMS],
                         layer.path + ("scale" if "norm" in layer.kind
                                       else "kernel",))
     lines.append(f"  {layer.name:<28} {layer.kind:<9} {tuple(np.shape(k))}")

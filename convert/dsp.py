@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import models
+from models import paths
 from models.layers import input_channels
 from convert import description as desc_lib
 from convert import (dsp_torch, fast, fast_specs, jax_side, packing, tables,
@@ -55,10 +56,10 @@ def dense_state_dict(variables: Mapping[str, Any],
           np.array(masks[conv][:, :, None, None], copy=True))
   # BN masks are not part of the reference format: fold them into the tensors.
   folded = packing.apply_masks(v)
-  for path, _ in tables.leaves(v.get(tables.MASKS, {})):
+  for path, _ in paths.leaves(v.get(tables.MASKS, {})):
     if path[-1] == "scale":
       name = ".".join(path[:-1])
-      p = tables.get_path(folded[tables.PARAMS], path[:-1])
+      p = paths.get(folded[tables.PARAMS], path[:-1])
       out[name + ".weight"] = torch.from_numpy(np.array(p["scale"]))
       out[name + ".bias"] = torch.from_numpy(np.array(p["bias"]))
   return out

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 import models
+from models import paths
 from convert import packing, tables
 from training import artifacts
 
@@ -40,9 +41,9 @@ def conv_masks_oi(variables: Mapping[str, Any], names: list[str]
   out = {}
   for name in names:
     path = tuple(name.split("."))
-    m = tables.get_path(variables.get(tables.MASKS, {}), path + ("kernel",))
+    m = paths.get(variables.get(tables.MASKS, {}), path + ("kernel",))
     if m is None:
-      k = tables.get_path(variables[tables.PARAMS], path + ("kernel",))
+      k = paths.get(variables[tables.PARAMS], path + ("kernel",))
       m = np.ones(k.shape[2:], np.asarray(k).dtype)
     out[name] = tables.transpose2d(np.asarray(m))
   return out
@@ -98,9 +99,9 @@ def variables_from_plan(plan: packing.PackedResNet
   variables = tables.from_torch(sd, tmpl, FAMILY)
   masks = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), tmpl[tables.MASKS])
   for conv, m in conv_masks.items():
-    tables.set_path(masks, tuple(conv.split(".")) + ("kernel",),
+    paths.assign(masks, tuple(conv.split(".")) + ("kernel",),
                 tables.transpose2d(m))
   for bn, m in bn_masks.items():
-    tables.set_path(masks, tuple(bn.split(".")) + ("scale",), m)
+    paths.assign(masks, tuple(bn.split(".")) + ("scale",), m)
   variables[tables.MASKS] = masks
   return name, overrides, variables

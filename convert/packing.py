@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from models import paths
 from convert import tables
 
 Array = np.ndarray
@@ -42,9 +43,9 @@ def apply_masks(variables: Mapping[str, Any]) -> dict[str, Any]:
   out = {k: v for k, v in variables.items() if k != tables.MASKS}
   params = _copy_tree(variables[tables.PARAMS])
   masks = variables.get(tables.MASKS, {})
-  for path, mask in tables.leaves(masks):
+  for path, mask in paths.leaves(masks):
     mod, leaf = path[:-1], path[-1]
-    p = tables.get_path(params, mod)
+    p = paths.get(params, mod)
     mask = np.asarray(mask)
     if p is None:
       raise KeyError(f"masks/{'/'.join(path)} has no layer in params")

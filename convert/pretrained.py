@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 import models
+from models import paths
 from convert import reference, tables, transformers
 from training import artifacts
 
@@ -62,7 +63,7 @@ def _cnn(sd: dict[str, Any], template: Mapping[str, Any], family: str,
             if l.kind == "dense"]
   head = layers[-1]
   key = f"{head.name}.weight"
-  want = tables.get_path(template[tables.PARAMS], head.path + ("kernel",))
+  want = paths.get(template[tables.PARAMS], head.path + ("kernel",))
   if key in sd and tables.to_numpy(sd[key]).shape[0] != want.shape[1]:
     log(f"init_from: head {key} has {tables.to_numpy(sd[key]).shape[0]} "
         f"classes, the model {want.shape[1]}: the head is replaced (fresh "

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import torch
 
+from models import paths
 from convert import tables
 from convert import writer
 from training import artifacts
@@ -65,7 +66,7 @@ def to_reference(variables: Mapping[str, Any], stage: str,
   for conv in convs:
     path = tuple(conv.split("."))
     entries = {}
-    logits = tables.get_path(v.get(tables.GATES, {}), path + ("logits",))
+    logits = paths.get(v.get(tables.GATES, {}), path + ("logits",))
     if stage == "finetuned" and logits is None:
       pass  # e.g. imported from a packed file, which keeps no group logits
     elif stage != "pretrained":
@@ -74,7 +75,7 @@ def to_reference(variables: Mapping[str, Any], stage: str,
                        "(build the model with groups=G)")
       entries["group"] = np.asarray(logits)
     if stage == "finetuned":
-      mask = tables.get_path(v.get(tables.MASKS, {}), path + ("kernel",))
+      mask = paths.get(v.get(tables.MASKS, {}), path + ("kernel",))
       if mask is None:
         raise KeyError(f"stage 'finetuned' needs masks/{'/'.join(path)}/kernel")
       entries["mask"] = tables.io_mask_to_oi11(np.asarray(mask))
@@ -143,7 +144,7 @@ def from_reference(state_dict: Mapping[str, Any], template: Mapping[str, Any],
                          template[tables.GATES])
     for conv in convs:
       key = conv + ".group"
-      want = tables.get_path(gates, tuple(conv.split(".")) + ("logits",))
+      want = paths.get(gates, tuple(conv.split(".")) + ("logits",))
       _put(gates, conv, "logits", _need(state_dict, key), want, key)
     variables[tables.GATES] = gates
   if stage == "finetuned":
@@ -152,7 +153,7 @@ def from_reference(state_dict: Mapping[str, Any], template: Mapping[str, Any],
     layers = tables.find_layers(template, family)
     for conv in convs:
       key = conv + ".mask"
-      want = tables.get_path(masks, tuple(conv.split(".")) + ("kernel",))
+      want = paths.get(masks, tuple(conv.split(".")) + ("kernel",))
       _put(masks, conv, "kernel",
            tables.oi11_to_io_mask(tables.to_numpy(_need(state_dict, key))),
            want, key)
@@ -160,8 +161,8 @@ def from_reference(state_dict: Mapping[str, Any], template: Mapping[str, Any],
       i = [l.name for l in layers].index(conv)
       if i + 1 < len(layers) and layers[i + 1].kind == "batchnorm":
         bn = layers[i + 1]
-        scale = tables.get_path(variables[tables.PARAMS], bn.path + ("scale",))
-        tables.set_path(masks, bn.path + ("scale",),
+        scale = paths.get(variables[tables.PARAMS], bn.path + ("scale",))
+        paths.assign(masks, bn.path + ("scale",),
                     (np.asarray(scale) != 0).astype(scale.dtype))
     variables[tables.MASKS] = masks
   return variables
@@ -179,7 +180,7 @@ def _put(tree: dict[str, Any], conv: str, leaf: str, value: Any, want: Any,
   if tuple(value.shape) != tuple(want.shape):
     raise ValueError(f"{key}: shape {tuple(value.shape)}, the model needs "
                      f"{tuple(want.shape)}")
-  tables.set_path(tree, tuple(conv.split(".")) + (leaf,), value.astype(want.dtype))
+  paths.assign(tree, tuple(conv.split(".")) + (leaf,), value.astype(want.dtype))
 
 
 def save(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],

@@ -43,6 +43,7 @@ import numpy as np
 from torch import nn
 
 import models
+from models import paths
 from models.layers import input_channels
 from convert import description as desc_lib
 from convert import (dsp_torch, fast, fast_specs, packing, tables,
@@ -96,13 +97,13 @@ def family_of(model: Any) -> str:
 # ------------------------------------------------------------- which units go
 def _masked_norm(folded: Mapping[str, Any], norm: Path
                  ) -> dict[str, np.ndarray]:
-  p = tables.get_path(folded, norm)
+  p = paths.get(folded, norm)
   return {"scale": np.asarray(p["scale"]), "bias": np.asarray(p["bias"])}
 
 
 def _zero_output(folded: Mapping[str, Any], layer: LayerInfo) -> np.ndarray:
   """(out,): units whose masked filter and bias are all zero (output 0)."""
-  p = tables.get_path(folded, layer.path)
+  p = paths.get(folded, layer.path)
   k = np.asarray(p["kernel"])
   zero = ~np.any(k.reshape(-1, k.shape[-1]) != 0, axis=0)
   if "bias" in p:
@@ -166,7 +167,7 @@ def _check_not_empty(l: LayerInfo, rows: np.ndarray) -> None:
 def _conv(l: LayerInfo, folded: Mapping[str, Any], rows: np.ndarray,
           cols: np.ndarray) -> nn.Conv2d:
   _check_not_empty(l, rows)
-  p = tables.get_path(folded, l.path)
+  p = paths.get(folded, l.path)
   w = packing.slice_conv(tables.hwio_to_oihw(np.asarray(p["kernel"])), rows,
                          cols)
   conv = nn.Conv2d(len(cols), len(rows), l.kernel_size, l.strides,
@@ -182,7 +183,7 @@ def _bn_tensors(folded: Mapping[str, Any], stats: Mapping[str, Any],
                 norm: Path) -> dict[str, np.ndarray]:
   """A BN's masked tensors under their PyTorch names (the name table's)."""
   trees = {tables.PARAMS: folded, tables.BATCH_STATS: stats}
-  return {r.torch: np.asarray(tables.get_path(trees[r.collection],
+  return {r.torch: np.asarray(paths.get(trees[r.collection],
                                               norm + (r.leaf,)))
           for r in tables.KINDS["batchnorm"]}
 
@@ -208,7 +209,7 @@ def _linear(l: LayerInfo, folded: Mapping[str, Any], rows: np.ndarray,
   that many channels) are permuted into PyTorch's (C, H, W) order.
   """
   _check_not_empty(l, rows)
-  p = tables.get_path(folded, l.path)
+  p = paths.get(folded, l.path)
   k = tables.slice_channels(tables.slice_channels(p["kernel"], cols, 0), rows,
                             1)
   w = (tables.transpose2d(k) if nchw_channels is None else
@@ -296,14 +297,14 @@ def _build_vgg(model: vgg.VGG, structure: ModelStructure,
     if i + 1 == len(dense):
       break
     if l.norm is not None:
-      p = tables.get_path(folded, l.norm)
+      p = paths.get(folded, l.norm)
       removed = np.setdiff1d(np.arange(l.out_features), keep[l.path])
       classifier.append(SlimLayerNorm(
           to_tensor(tables.slice_channels(p["scale"], keep[l.path], 0)),
           to_tensor(tables.slice_channels(p["bias"], keep[l.path], 0)),
           l.out_features,
           to_tensor(tables.slice_channels(
-              tables.get_path(folded, l.path)["bias"], removed, 0)),
+              paths.get(folded, l.path)["bias"], removed, 0)),
           LN_EPS))
     classifier += [nn.ReLU(), nn.Dropout(model.dropout_rate)]
   return SlimVGG(nn.Sequential(*features), nn.Sequential(*classifier),
@@ -347,7 +348,7 @@ def slim(model: Any, variables: Mapping[str, Any],
   folded = packing.apply_masks(v)[tables.PARAMS]
   build = _build_resnet if family == "resnet" else _build_vgg
   module = build(model, structure, folded, v[tables.BATCH_STATS], keep).eval()
-  before = sum(int(np.size(x)) for _, x in tables.leaves(v[tables.PARAMS]))
+  before = sum(int(np.size(x)) for _, x in paths.leaves(v[tables.PARAMS]))
   after = sum(p.numel() for p in module.parameters())
   widths = {l.name: (l.out_features, len(keep[l.path]))
             for l in structure.producers}
@@ -360,7 +361,7 @@ def _slim_transformer(model: Any, variables: Mapping[str, Any],
   from convert import transformer_torch  # pylint: disable=import-outside-toplevel
   module, widths = transformer_torch.slim(model, variables, image_size)
   family = "vit" if isinstance(models.unwrap(model), vit.VisionTransformer) else "swin"
-  before = sum(int(np.size(x)) for _, x in tables.leaves(
+  before = sum(int(np.size(x)) for _, x in paths.leaves(
       artifacts.to_numpy_tree(dict(variables))[tables.PARAMS]))
   after = sum(p.numel() for p in module.parameters())
   return module, SlimSummary(family, before, after, widths)

@@ -31,9 +31,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from models import paths
 
 Array = np.ndarray
 Variables = Mapping[str, Any]
@@ -145,32 +147,6 @@ KINDS: dict[str, tuple[Rule, ...]] = {
 NUM_BATCHES = "num_batches_tracked"
 
 
-def leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
-           ) -> Iterator[tuple[tuple[str, ...], Any]]:
-  """``(path, leaf)`` of a nested dict, depth first in dict order."""
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from leaves(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-  """The entry at ``path`` of a nested dict, or None when absent."""
-  for k in path:
-    if not isinstance(tree, Mapping) or k not in tree:
-      return None
-    tree = tree[k]
-  return tree
-
-
-def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-  """Sets the entry at ``path`` of a nested dict, creating parents."""
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
 @dataclasses.dataclass(frozen=True)
 class Layer:
   """A layer found in the variables: module path, kind, PyTorch name."""
@@ -200,12 +176,12 @@ def find_layers(variables: Variables, family: str) -> list[Layer]:
   """
   found: dict[tuple[str, ...], str] = {}
   stats = variables.get(BATCH_STATS, {})
-  for path, leaf in leaves(variables[PARAMS]):
+  for path, leaf in paths.leaves(variables[PARAMS]):
     mod, name = path[:-1], path[-1]
     if name == "kernel":
       found[mod] = "conv" if len(leaf.shape) == 4 else "dense"
     elif name == "scale":
-      found[mod] = "batchnorm" if get_path(stats, mod) is not None else "layernorm"
+      found[mod] = "batchnorm" if paths.get(stats, mod) is not None else "layernorm"
   key = family_table(family).sort_key
   return sorted((Layer(p, k) for p, k in found.items()),
                 key=lambda l: key(l.path))
@@ -302,8 +278,8 @@ def _layer_fns(layer: Layer, rule: Rule, table: FamilyTable,
       and table.nchw_flatten_dense
       and re.fullmatch(table.nchw_flatten_dense, layer.name)):
     convs = [l for l in find_layers(variables, table.name) if l.kind == "conv"]
-    channels = get_path(variables[PARAMS], convs[-1].path + ("kernel",)).shape[-1]
-    n_in = get_path(variables[PARAMS], layer.path + ("kernel",)).shape[0]
+    channels = paths.get(variables[PARAMS], convs[-1].path + ("kernel",)).shape[-1]
+    n_in = paths.get(variables[PARAMS], layer.path + ("kernel",)).shape[0]
     if n_in != channels:
       return (lambda k: nhwc_rows_to_nchw(k, channels),
               lambda w: nchw_rows_to_nhwc(w, channels))
@@ -329,7 +305,7 @@ def to_torch(variables: Variables, family: str,
   out: dict[str, Array] = {}
   for layer in find_layers(variables, family):
     for rule in KINDS[layer.kind]:
-      value = get_path(variables.get(rule.collection, {}), layer.path + (rule.leaf,))
+      value = paths.get(variables.get(rule.collection, {}), layer.path + (rule.leaf,))
       if value is None:
         continue
       fn, _ = _layer_fns(layer, rule, table, variables)
@@ -365,7 +341,7 @@ def from_torch(state_dict: Mapping[str, Array], template: Variables,
   used: set[str] = set()
   for layer in find_layers(template, family):
     for rule in KINDS[layer.kind]:
-      want = get_path(template.get(rule.collection, {}), layer.path + (rule.leaf,))
+      want = paths.get(template.get(rule.collection, {}), layer.path + (rule.leaf,))
       if want is None:
         continue
       key = f"{layer.name}.{rule.torch}"
@@ -378,7 +354,7 @@ def from_torch(state_dict: Mapping[str, Array], template: Variables,
         raise ValueError(
             f"{key}: shape {tuple(to_numpy(state_dict[key]).shape)} converts "
             f"to {tuple(value.shape)}, the model needs {tuple(want.shape)}")
-      set_path(out, (rule.collection,) + layer.path + (rule.leaf,),
+      paths.assign(out, (rule.collection,) + layer.path + (rule.leaf,),
            value.astype(want.dtype))
       used.add(key)
     if layer.kind == "batchnorm":

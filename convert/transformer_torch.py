@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import models
+from models import paths
 from convert import packing, tables, transformers
 from models import swin as swin_lib
 from models import vit as vit_lib
@@ -298,7 +299,7 @@ def kept_hidden(model: Any, variables: Mapping[str, Any],
   out = {}
   for mlp in mlp_blocks(model):
     fc1: Path = mlp + ("fc1",)
-    p = tables.get_path(folded, fc1)
+    p = paths.get(folded, fc1)
     zero = ~np.any(np.asarray(p["kernel"]) != 0, axis=0) & (
         np.asarray(p["bias"]) == 0)
     out[mlp] = np.flatnonzero(~(dead[fc1] | zero)).astype(np.int64)
@@ -306,10 +307,10 @@ def kept_hidden(model: Any, variables: Mapping[str, Any],
 
 
 def _fold_scale(folded: Mapping[str, Any], mlp: tuple[str, ...]) -> None:
-  scale = tables.get_path(folded, mlp + ("dummy_norm", "scale"))
+  scale = paths.get(folded, mlp + ("dummy_norm", "scale"))
   if scale is None:
     return
-  fc1 = tables.get_path(folded, mlp + ("fc1",))
+  fc1 = paths.get(folded, mlp + ("fc1",))
   fc1["kernel"] = np.asarray(fc1["kernel"]) * np.asarray(scale)[None, :]
   fc1["bias"] = np.asarray(fc1["bias"]) * np.asarray(scale)
 
@@ -368,8 +369,8 @@ def slim(model: Any, variables: Mapping[str, Any], image_size: int
           "1 removes every unit); the slimmed model cannot represent that "
           "(prune with amount < 1)")
     _fold_scale(folded, mlp)
-    fc1 = tables.get_path(folded, mlp + ("fc1",))
-    fc2 = tables.get_path(folded, mlp + ("fc2",))
+    fc1 = paths.get(folded, mlp + ("fc1",))
+    fc2 = paths.get(folded, mlp + ("fc2",))
     widths[".".join(mlp + ("fc1",))] = (fc1["kernel"].shape[1], len(kept))
     fc1["kernel"] = tables.slice_channels(fc1["kernel"], kept, 1)
     fc1["bias"] = tables.slice_channels(fc1["bias"], kept, 0)

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 import models
+from models import paths
 
 from convert import tables
 
@@ -329,7 +330,7 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping[str, Any],
     value = tables.to_numpy(state_dict[e.torch_key])
     parts = FNS[e.fn][0](value)
     for path, part in zip(e.flax_paths, parts):
-      want = tables.get_path(params, path)
+      want = paths.get(params, path)
       if want is None:
         raise KeyError(f"{expected}: the model has no {'/'.join(path)} "
                        f"(for {e.torch_key!r})")
@@ -350,7 +351,7 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping[str, Any],
               f"not a {expected} state dict of this size: {e.torch_key} has "
               f"shape {tuple(value.shape)}, the model needs "
               f"{tuple(want.shape)} for {'/'.join(path)}")
-      tables.set_path(out, path, np.asarray(part).astype(want.dtype))
+      paths.assign(out, path, np.asarray(part).astype(want.dtype))
   extra = [k for k in state_dict if k not in used
            and not k.endswith(_DERIVED) and not k.endswith(tables.NUM_BATCHES)]
   if extra:
@@ -365,6 +366,6 @@ def to_torch(params: Mapping[str, Any], model: Any,
   """Flax ``params`` of a ViT / Swin -> state dict in ``fmt`` (numpy)."""
   out = {}
   for e in table_for(model, fmt=fmt):
-    parts = tuple(np.asarray(tables.get_path(params, p)) for p in e.flax_paths)
+    parts = tuple(np.asarray(paths.get(params, p)) for p in e.flax_paths)
     out[e.torch_key] = FNS[e.fn][1](parts)
   return out

@@ -54,6 +54,13 @@ def replace(tree: Mapping[str, Any], path: Path, value: Any) -> dict[str, Any]:
   return new
 
 
+def assign(tree: dict[str, Any], path: Path, value: Any) -> None:
+  """Sets the entry at ``path`` of a nested dict in place, creating parents."""
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
 def leaves(tree: Mapping[str, Any], prefix: Path = ()
            ) -> Iterator[tuple[Path, Any]]:
   """``(path, leaf)`` of a nested dict, depth first in dict order."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import models
+from models import paths
 from convert import cli, dsp, dsp_torch, fast, jax_side, packing, tables
 from convert import writer
 from training import artifacts
@@ -29,7 +30,7 @@ def masked_resnet(name: str, groups: int, seed: int,
   v = artifacts.random_variables(model, rng)
   for conv in tables.taking_part_convs(v, "cifar_resnet"):
     block, which = tuple(conv.split(".")[:-1]), conv.split(".")[-1][-1]
-    kernel = tables.get_path(v["params"], block + (f"conv_{which}", "kernel"))
+    kernel = paths.get(v["params"], block + (f"conv_{which}", "kernel"))
     n_in, n_out = kernel.shape[2:]
     group = rng.integers(0, groups, n_out)
     keep = rng.random((groups, n_in)) < 0.6
@@ -37,12 +38,12 @@ def masked_resnet(name: str, groups: int, seed: int,
     mask = keep[group].T.astype(np.float32)            # (I, O)
     mask[:, rng.random(n_out) < 0.15] = 0              # removed filters
     if which == "b":
-      produced = tables.get_path(v["masks"], block + ("bn_a", "scale")) > 0
+      produced = paths.get(v["masks"], block + ("bn_a", "scale")) > 0
       mask *= produced[:, None]
     if which == "a" and ".".join(block) == empty_block:
       mask[:] = 0
-    tables.set_path(v["masks"], block + (f"conv_{which}", "kernel"), mask)
-    tables.set_path(v["masks"], block + (f"bn_{which}", "scale"),
+    paths.assign(v["masks"], block + (f"conv_{which}", "kernel"), mask)
+    paths.assign(v["masks"], block + (f"bn_{which}", "scale"),
          (mask.sum(0) > 0).astype(np.float32))
   return model, v
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import models
+from models import paths
 from convert import cli, dsp, dsp_torch, reference, tables
 from convert import writer
 from training import artifacts
@@ -64,8 +65,8 @@ def test_reference_state_dict_round_trips(tmp_path, resnet8, stage):
   if stage == "finetuned":
     for conv in tables.taking_part_convs(v, "cifar_resnet"):
       p = tuple(conv.split(".")) + ("kernel",)
-      assert np.array_equal(tables.get_path(v2["masks"], p),
-                            tables.get_path(v["masks"], p)), conv
+      assert np.array_equal(paths.get(v2["masks"], p),
+                            paths.get(v["masks"], p)), conv
 
 
 def test_reference_dense_forward_matches_flax(resnet8):
@@ -190,3 +191,16 @@ def test_layout_functions_are_inverse():
   d = rng.normal(size=(2 * 2 * 3, 4))
   assert np.array_equal(tables.nchw_rows_to_nhwc(
       tables.nhwc_rows_to_nchw(d, 3), 3), d)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_resnet10_tiny",
+                                  "cifar_vgg_tiny", "resnet18", "vgg16_bn"])
+def test_file_names_of_taking_part_convs_are_the_graphs(name):
+  """The reference files name their taking-part convs per family; those
+  names are exactly the traced graph's taking-part layers."""
+  model = models.create_model(name, 10)
+  size = getattr(model, "image_size", None) or 32
+  family = models.model_spec(name).family
+  named = tables.taking_part_convs(artifacts.template(model, size), family)
+  graph = models.analyze(model, size)
+  assert named == [".".join(l.path) for l in graph.taking_part]

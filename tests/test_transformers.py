@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 import ddrop_jax as dd
 import models
+from models import paths
 from configs import base
 from convert import dsp, jax_side, pretrained, slim, transformers
 from convert import writer
@@ -394,7 +395,7 @@ def test_ddrop_acts_on_exactly_the_mlp_hidden_units(name):
   for l in layers:
     assert l.path[-2:] == ("mlp", "dummy_norm")
     assert l.producer == l.path[:-1] + ("fc1",)
-    assert l.units == jax_side.tables.get_path(
+    assert l.units == paths.get(
         v["params"], l.producer)["kernel"].shape[1]
   cfg = dd.DdropConfig(prob=(0.2, 0.9), amount=0.25, total_steps=10)
   keep = dd.keep_probabilities(v["params"], None, 0, cfg, layers)
@@ -407,7 +408,7 @@ def test_ddrop_acts_on_exactly_the_mlp_hidden_units(name):
       capture_intermediates=lambda m, _: "dummy_norm" in m.scope.path,
       mutable=["intermediates"])[1]["intermediates"])(v, x)
   for l in layers if hidden else ():
-    y = np.asarray(jax_side.tables.get_path(hidden, l.path)["__call__"][0])
+    y = np.asarray(paths.get(hidden, l.path)["__call__"][0])
     # Per sample, dropped units are zero at every token.
     dropped = np.all(y == 0, axis=tuple(range(1, y.ndim - 1)))
     assert 0 < dropped.mean() < 1
