@@ -250,10 +250,9 @@ def export_branched(model: Any, variables: Mapping[str, Any],
   desc_lib.check_module_widths(
       description, widths,
       only=[l.path for l in description.graph.taking_part])
-  if images is None:
-    images = writer.random_images(num_images, size, seed,
-                                   input_channels(model))
-  want = artifacts.logits(model, variables, images)
+  images, want = writer.check_images(
+      model, variables, (size, size, input_channels(model)), images,
+      num_images, seed)
   names = {writer.TORCHSCRIPT: TORCHSCRIPT, writer.STATE_DICT: STATE_DICT}
   if program:
     names[writer.PROGRAM] = PROGRAM

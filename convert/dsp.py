@@ -111,10 +111,9 @@ def export_packed(model: Any, variables: Mapping[str, Any],
   desc_lib.check_module_widths(
       description, packed_widths(plan),
       only=[l.path for l in description.graph.taking_part])
-  if images is None:
-    images = writer.random_images(num_images, image_size, seed,
-                                   input_channels(model))
-  want = artifacts.logits(model, variables, images)
+  images, want = writer.check_images(
+      model, variables, (image_size, image_size, input_channels(model)),
+      images, num_images, seed)
   traced = dsp_torch.trace(plan, image_size)
   result = writer.write(traced, out_dir, {writer.TORCHSCRIPT: PACKED},
                         images, want, atol=atol, fresh=False)

@@ -32,7 +32,6 @@ from convert import program as compact_lib
 from convert import description as desc_lib
 from convert import torch_program
 from convert import writer
-from training import artifacts
 
 FILES = {writer.TORCHSCRIPT: "model.pt", writer.PROGRAM: "model.pt2",
          writer.STATE_DICT: "model_state_dict.pt", writer.ONNX: "model.onnx"}
@@ -82,9 +81,8 @@ def export(model: Any, variables: Mapping[str, Any],
         "the export cannot translate the JAX primitive(s) "
         + ", ".join(missing))
   shape = description.input_shape
-  if images is None:
-    images = writer.random_images(num_images, shape[:2], seed, shape[2])
-  want = artifacts.logits(model, variables, images)
+  images, want = writer.check_images(model, variables, shape, images,
+                                     num_images, seed)
   diffs = {"compact": writer.check_logits(
       "compact JAX function",
       compact_lib.run(program, program.consts, jnp.asarray(images)), want,

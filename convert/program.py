@@ -185,7 +185,7 @@ class _Builder:
       cins = [("l", v.val) if isinstance(v, jcore.Literal) else cenv.get(v)
               for v in eqn.invars]
       acts = [c for c in cins if isinstance(c, _Val)]
-      sub = _call_body(eqn)
+      sub = walk.call_body(eqn)
       if sub is not None and acts:
         # Inlined: the compact program has no call primitives.
         inner, consts = sub
@@ -403,22 +403,6 @@ class _Builder:
     (mid,) = self._emit(eqn.primitive, params, [("x", c.index)], 1)
     (out,) = self._emit(TAKE, {"indices": keep, "axis": d}, [("x", mid)], 1)
     return [_Val(out, sel_out, d)]
-
-
-def _call_body(eqn) -> tuple[jcore.Jaxpr, list] | None:
-  """(jaxpr, const values) of a call-like equation (jit, custom_jvp/vjp)."""
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    j = eqn.params.get(key)
-    if isinstance(j, jcore.ClosedJaxpr):
-      j, consts = j.jaxpr, list(j.consts)
-    elif isinstance(j, jcore.Jaxpr):
-      consts = []
-    else:
-      continue
-    if len(j.invars) == len(eqn.invars) and len(j.outvars) == len(
-        eqn.outvars):
-      return j, consts
-  return None
 
 
 def _kernel_module(w) -> Path | None:

@@ -417,10 +417,9 @@ def export_ddrop(model: Any, variables: Mapping[str, Any],
                                      input_channels(model)))
   desc_lib.check_module_widths(description, writer.module_widths(module),
                                required=False)
-  if images is None:
-    images = writer.random_images(num_images, image_size, seed,
-                                   input_channels(model))
-  want = artifacts.logits(model, variables, images)
+  images, want = writer.check_images(
+      model, variables, (image_size, image_size, input_channels(model)),
+      images, num_images, seed)
   names = {writer.TORCHSCRIPT: TORCHSCRIPT, writer.STATE_DICT: STATE_DICT}
   if program:
     names[writer.PROGRAM] = PROGRAM

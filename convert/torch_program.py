@@ -101,6 +101,7 @@ class ProgramModule(nn.Module):
           + ", ".join(missing))
     self.program = program
     self._names: dict[str, str] = {}
+    self._empty: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     self._ops: list[Callable[[list, torch.Tensor], Any]] = []
     layouts = self._layouts(program)
     for name, value in program.consts.items():
@@ -132,6 +133,12 @@ class ProgramModule(nn.Module):
     return out
 
   def _register(self, name: str, value: np.ndarray) -> None:
+    self._names[name] = name
+    if value.size == 0:
+      # A layer pruned to nothing: no tensor to hold (torch.export cannot
+      # package empty ones); made at run time from its shape.
+      self._empty[name] = (tuple(value.shape), _dtype(value.dtype))
+      return
     parts = name.split(".")
     node = self
     for p in parts[:-1]:
@@ -140,9 +147,11 @@ class ProgramModule(nn.Module):
       node = node._modules[p]
     node.register_buffer(parts[-1], torch.from_numpy(
         np.array(value, copy=True)).to(_dtype(value.dtype)))
-    self._names[name] = name
 
   def _const(self, name: str) -> torch.Tensor:
+    if name in self._empty:
+      shape, dtype = self._empty[name]
+      return torch.zeros(shape, dtype=dtype)
     node: nn.Module = self
     for p in name.split("."):
       node = getattr(node, p)
@@ -346,13 +355,20 @@ def _conv(p):
   groups = p["feature_group_count"]
 
   def run(a, _):
-    x = a[0].permute(lhs)
+    x, w = a[0].permute(lhs), a[1]
+    if 0 in w.shape[:2]:
+      # A layer pruned to nothing, or reading nothing, outputs zeros; torch
+      # rejects empty kernels, so only the output size is computed.
+      size = [(n + lo + hi - d * (k - 1) - 1) // s + 1 for n, (lo, hi), d, k, s
+              in zip(x.shape[2:], padding, dilation, w.shape[2:], stride)]
+      return x.new_zeros(x.shape[0], w.shape[0], *size).permute(out_inv)
+    return _conv_nchw(x, w).permute(out_inv)
+
+  def _conv_nchw(x, w):
     if symmetric:
-      y = F.conv2d(x, a[1], None, stride, [lo for lo, _ in padding],
-                   dilation, groups)
-    else:
-      y = F.conv2d(F.pad(x, pad), a[1], None, stride, 0, dilation, groups)
-    return y.permute(out_inv)
+      return F.conv2d(x, w, None, stride, [lo for lo, _ in padding],
+                      dilation, groups)
+    return F.conv2d(F.pad(x, pad), w, None, stride, 0, dilation, groups)
 
   return run
 

@@ -70,6 +70,17 @@ def random_images(n: int, image_size: int | tuple[int, int] = 32,
   return np.asarray(x, np.float32)
 
 
+def check_images(model: Any, variables: Mapping[str, Any],
+                 input_shape: tuple[int, int, int],
+                 images: np.ndarray | None = None, num_images: int = 4,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The images an export is checked on (``num_images`` random ones of
+  ``input_shape`` (H, W, C) when None) and the masked JAX model's logits."""
+  if images is None:
+    images = random_images(num_images, input_shape[:2], seed, input_shape[2])
+  return images, artifacts.logits(model, variables, images)
+
+
 def torch_logits(module: Any, images_nhwc: np.ndarray) -> np.ndarray:
   """Logits of a torch module (eval, no grad) for NHWC images."""
   # A copy: a 1-channel transpose is already contiguous, and read-only.

@@ -140,6 +140,22 @@ def test_files_load_anywhere_and_match(name, method, tmp_path):
     assert n in cli.inspect(tmp_path / f).splitlines()[0], f
 
 
+def test_a_layer_pruned_to_nothing_exports(tmp_path):
+  """A block's first conv keeping no filter (whole groups emptied): its
+  branch adds nothing, and every file says so."""
+  model, v, shape = pruned("cifar_resnet8", "dsp")
+  masks = jax.tree.map(np.array, v["masks"])
+  masks["stage_1"]["0"]["conv_a"]["kernel"][...] = 0
+  masks["stage_1"]["0"]["bn_a"]["scale"][...] = 0
+  v = {**v, "masks": masks}
+  desc = convert.describe(model, v, shape)
+  r = convert.export(model, v, tmp_path, shape, formats=["torch", "onnx"],
+                     fresh=False)
+  assert max(r.max_abs_diff.values()) <= 1e-4
+  assert desc.macs == flops.report(model, v, shape[:2], shape[2],
+                                   remove_dead=True).macs
+
+
 def test_a_corrupted_description_is_an_error_naming_the_layer(tmp_path):
   model, v, shape = pruned("plain_resnet", "dsp")
   desc = convert.describe(model, v, shape)

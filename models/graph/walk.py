@@ -243,9 +243,9 @@ class Walker:
     unary = self._unary_function(eqn, ins, acts)
     if unary is not None:
       return [unary]
-    sub = _subjaxpr(eqn)
+    sub = call_body(eqn)
     if sub is not None:
-      return self.run(sub[0], sub[1], ins)
+      return self.run(sub[0], [None] * len(sub[1]), ins)
     if name == "conv_general_dilated":
       return [self._conv(eqn, ins)]
     flow = frozenset().union(*[a.flow for a in acts])
@@ -695,7 +695,7 @@ class Walker:
 
 def _is_elementwise_call(eqn) -> bool:
   """A call (custom_jvp/vjp, jit) whose body is elementwise (ReLU, GELU)."""
-  sub = _subjaxpr(eqn)
+  sub = call_body(eqn)
   if sub is None or len(sub[0].outvars) != 1:
     return False
   for e in sub[0].eqns:
@@ -764,12 +764,13 @@ def _bind(eqn, args, params):
   return out[0] if prim.multiple_results else out
 
 
-def _subjaxpr(eqn):
-  """(jaxpr, consts) of a call-like primitive (jit, custom_jvp/vjp, remat)."""
+def call_body(eqn) -> tuple[jcore.Jaxpr, list] | None:
+  """(jaxpr, const values) of a call-like equation (jit, custom_jvp/vjp,
+  remat); None for any other. An open jaxpr's consts are None."""
   for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
     j = eqn.params.get(key)
     if isinstance(j, jcore.ClosedJaxpr):
-      j, consts = j.jaxpr, [None] * len(j.consts)
+      j, consts = j.jaxpr, list(j.consts)
     elif isinstance(j, jcore.Jaxpr):
       consts = [None] * len(j.constvars)
     else:
