@@ -1,4 +1,4 @@
-"""The ImageNet data recipe (specs/ddrop.md §7), and plain ResNet-50 training.
+"""The ImageNet data recipe (docs/data.md, ImageNet), and plain ResNet-50 training.
 
 ``recipe(config)`` sets the data fields every ImageNet run shares:
 RandomResizedCrop 224 + horizontal flip + RandAugment (2 ops, magnitude 9) on

@@ -214,4 +214,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from training import errors  # pylint: disable=g-import-not-at-top
+  sys.exit(errors.quiet_pipe(main))
