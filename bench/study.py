@@ -74,7 +74,7 @@ OFFSETS = {"pretrain": 0, "group": 1, "plain": 2, "ddrop": 3, "finetune": 4,
 # options override single entries. Digits: the published ResNet-8 study.
 # Fashion-MNIST: the half-width ResNet-20 (68,642 parameters, 7.78 M MACs) on
 # 55,000 training images (5,000 held out as the validation split), sized to
-# fit 3 seeds into 4 hours on 2 CPU cores (README, Results).
+# fit 3 seeds into 4 hours on 2 CPU cores (docs/benchmarks.md, Fashion-MNIST).
 PRESETS = {
     "digits": dict(models=["cifar_resnet8"], widths="", seeds=[0, 1, 2],
                    targets=[50.0, 70.0, 80.0], train_images=500, batch=32,

@@ -19,7 +19,7 @@ import ml_collections
 from configs import base
 
 # Host decode + augmentation worker processes per process: what one
-# accelerator needs at ResNet-50's throughput (README "ImageNet", measured by
+# accelerator needs at ResNet-50's throughput (docs/data.md "ImageNet", measured by
 # bench/input_pipeline.py); scale it with the accelerators of a process, as
 # far as the host's cores go.
 WORKERS = 10
