@@ -167,3 +167,12 @@ def test_the_ci_runs_readme_test_command():
            if re.match(r"^pip install .*\[test\].*pytest", line)]
   assert lines and lines[0] == (
       'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q tests')
+
+
+def test_pipeline_figures_come_from_the_script(tmp_path):
+  proc = subprocess.run([sys.executable, "docs/make_figures.py", "--out",
+                         str(tmp_path)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  shown = re.findall(r"\(docs/img/([\w.]+\.png)\)", README.read_text())
+  assert shown and all((tmp_path / name).is_file() for name in shown), shown
