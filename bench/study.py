@@ -74,7 +74,7 @@ OFFSETS = {"pretrain": 0, "group": 1, "plain": 2, "ddrop": 3, "finetune": 4,
 # options override single entries. Digits: the published ResNet-8 study.
 # Fashion-MNIST: the half-width ResNet-20 (68,642 parameters, 7.78 M MACs) on
 # 55,000 training images (5,000 held out as the validation split), sized to
-# fit 3 seeds into 4 hours on 2 CPU cores (README, Results).
+# fit 3 seeds into 4 hours on 2 CPU cores (docs/benchmarks.md, Fashion-MNIST).
 PRESETS = {
     "digits": dict(models=["cifar_resnet8"], widths="", seeds=[0, 1, 2],
                    targets=[50.0, 70.0, 80.0], train_images=500, batch=32,
@@ -776,6 +776,12 @@ def table(data: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+# Classes per dataset (chance accuracy = 100 / classes); 10 unless listed.
+CLASSES = {"cifar100": 100, "imagenet2012": 1000}
+# Draw the chance line when some mean minus its std comes this close (pt).
+CHANCE_MARGIN = 20.0
+
+
 def plot(data: Mapping[str, Any], path: pathlib.Path) -> None:
   """Accuracy after fine-tuning vs MACs removed, mean ± std per method."""
   import matplotlib
@@ -800,6 +806,12 @@ def plot(data: Mapping[str, Any], path: pathlib.Path) -> None:
       mean, sd = rows[("dense", 0.0)]["after"]
       ax.axhline(mean, color="k", ls="--", lw=1, label="dense (± std band)")
       ax.axhspan(mean - sd, mean + sd, color="k", alpha=0.1)
+    # Near chance an accuracy says "collapsed": show where chance is.
+    chance = 100.0 / CLASSES.get(s["dataset"], 10)
+    if min(v["after"][0] - v["after"][1] for v in rows.values()) < (
+        chance + CHANCE_MARGIN):
+      ax.axhline(chance, color="r", ls=":", lw=1,
+                 label=f"chance ({chance:g} %)")
     ax.set_title(f"{s['dataset']}: {model_label(s, model)}\n"
                  f"seeds {', '.join(map(str, s['seeds']))}; error bars: "
                  f"mean ± std over {n} seeds", fontsize=10)
@@ -837,6 +849,9 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--phase", type=int,
                  help="epochs of group learning / DDROP / plain training")
   p.add_argument("--finetune", type=int, help="fine-tuning epochs")
+  p.add_argument("--plot-only", action="store_true",
+                 help="redraw OUT/accuracy_vs_flops.png and OUT/table.md "
+                 "from OUT/results.json, running nothing")
   args = p.parse_args(argv)
   preset = dict(PRESETS.get(args.dataset, PRESETS["digits"]))
   if args.quick:
@@ -850,6 +865,12 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse(argv)
   out = pathlib.Path(args.out)
+  if args.plot_only:
+    data = json.loads((out / "results.json").read_text())
+    plot(data, out / "accuracy_vs_flops.png")
+    (out / "table.md").write_text(table(data) + "\n")
+    print(f"wrote {out / 'accuracy_vs_flops.png'}, {out / 'table.md'}")
+    return 0
   out.mkdir(parents=True, exist_ok=True)
   import jax
   # Seeds and restarts compile the same programs: keep them.

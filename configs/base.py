@@ -1,4 +1,6 @@
-"""Default configuration: every field of ``training/config.py`` at its default.
+"""Plain training, every field at its default (training/config.py).
+
+Every field of ``training/config.py`` at its default.
 
 Plain training of a CIFAR ResNet-20 with DSP's pretraining recipe (SGD 0.9,
 coupled weight decay 1e-4, lr 0.1 stepped ×0.1 at E/2 and 3E/4 with lr/4 for

@@ -1,5 +1,6 @@
-"""DDROP, torchvision Swin-T on ImageNet from pretrained weights, with the
-reference tool's defaults.
+"""DDROP, torchvision Swin-T on ImageNet from pretrained weights.
+
+The reference tool's defaults.
 
     python run.py --config configs/ddrop_swin_t_imagenet.py \\
         --config.data_dir=/data/imagenet \\

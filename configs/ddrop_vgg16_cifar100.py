@@ -1,5 +1,6 @@
-"""DDROP, VGG-16-bn (CIFAR layout) on CIFAR-100: the reference README's second
-example.
+"""DDROP, VGG-16-bn (CIFAR layout) on CIFAR-100: the reference's 2nd example.
+
+The second example command of the reference README.
 
     python run.py --config configs/ddrop_vgg16_cifar100.py \\
         --workdir runs/ddrop_vgg16_bn_cifar100 --config.data_dir=~/data

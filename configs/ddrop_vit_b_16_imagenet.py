@@ -1,5 +1,6 @@
-"""DDROP, torchvision ViT-B/16 on ImageNet from pretrained weights, with the
-reference tool's defaults.
+"""DDROP, torchvision ViT-B/16 on ImageNet from pretrained weights.
+
+The reference tool's defaults.
 
     python run.py --config configs/ddrop_vit_b_16_imagenet.py \\
         --config.data_dir=/data/imagenet \\
@@ -10,7 +11,7 @@ weights) or timm state dict; nothing is downloaded. Every other field is at
 the reference default (batch 128, 100 epochs of plain training, 200 of DDROP
 on the constant schedule with keep range (0.0, 0.95), half of every MLP's
 hidden units pruned, 50 epochs of fine-tuning, lr 0.1 / 0.01, weight decay
-1e-4, seed 42) with the transformer optimizer of specs/ddrop.md section 1
+1e-4, seed 42) with the transformer optimizer of docs/concepts.md (DDROP, phases)
 (``ddrop.optimizer='auto'``: AdamW, linear warm-up over 10 % of each
 phase, cosine decay, weight decay on ``weight`` parameters only) and the
 ImageNet data recipe of ``configs/imagenet.py``. The reference's learning

@@ -13,7 +13,7 @@ fine-tuning, then the slimmed PyTorch export (``workdir/export/slim.pt``,
 ``slim.pt2``, ``slim_state_dict.pt``: smaller ``mlp.0`` / ``mlp.3``).
 Every phase uses AdamW with a linear warm-up over 10 % of its steps and a
 cosine decay, weight decay on the ``weight`` parameters only (the
-transformer recipe of specs/ddrop.md section 1). CPU minutes.
+transformer recipe of docs/concepts.md (DDROP, phases)). CPU minutes.
 """
 
 import ml_collections

@@ -1,4 +1,6 @@
-"""DSP reference recipes on CIFAR-10 (specs/dsp.md §1-3), shared by the
+"""DSP reference recipes on CIFAR-10 (ResNet-20/56, G = 2, 3 or 4).
+
+The recipes of docs/concepts.md (DSP), shared by the
 ``dsp_cifar10_resnet{20,56}.py`` configs.
 
     python run.py --config configs/dsp_cifar10.py:resnet20_g4 \\

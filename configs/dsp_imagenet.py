@@ -1,5 +1,6 @@
-"""DSP on ImageNet: torchvision ResNet-50 (G = 2) and ResNet-18, from a
-pretrained start.
+"""DSP on ImageNet: torchvision ResNet-50 / ResNet-18 (G = 2), pretrained start.
+
+From a local pretrained state dict.
 
     python run.py --config configs/dsp_imagenet.py:resnet50_p70 \\
         --config.data_dir=/data/imagenet \\

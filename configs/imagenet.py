@@ -1,4 +1,4 @@
-"""The ImageNet data recipe (specs/ddrop.md §7), and plain ResNet-50 training.
+"""The ImageNet data recipe (docs/data.md, ImageNet), and plain ResNet-50 training.
 
 ``recipe(config)`` sets the data fields every ImageNet run shares:
 RandomResizedCrop 224 + horizontal flip + RandAugment (2 ops, magnitude 9) on
@@ -19,7 +19,7 @@ import ml_collections
 from configs import base
 
 # Host decode + augmentation worker processes per process: what one
-# accelerator needs at ResNet-50's throughput (README "ImageNet", measured by
+# accelerator needs at ResNet-50's throughput (docs/data.md "ImageNet", measured by
 # bench/input_pipeline.py); scale it with the accelerators of a process, as
 # far as the host's cores go.
 WORKERS = 10

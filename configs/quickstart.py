@@ -8,7 +8,7 @@ group learning 10 epochs (λ=1e-2: the short phase needs a stronger
 regulariser than CIFAR's 2e-3 to shape the groups), rate search to 55 %
 pruned FLOPs (reference measure) and 5 fine-tuning cycles of 6 epochs, then
 the packed TorchScript export in ``runs/quickstart/export/``. The other
-fields are the reference recipe's (specs/dsp.md §1-3).
+fields are the reference recipe's (docs/concepts.md, DSP).
 """
 
 import ml_collections

@@ -10,4 +10,4 @@ if __name__ == "__main__":
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(errors.INTERRUPTED_STATUS)
-  sys.exit(main())
+  sys.exit(errors.quiet_pipe(main))

@@ -41,7 +41,6 @@ from typing import Any, Sequence
 import numpy as np
 
 import models
-from models import paths
 from convert import (dsp, fast, formats, jax_side, preprocess, reference,
                      tables, writer)
 from convert import transformers
@@ -185,9 +184,20 @@ def _load_any(src: pathlib.Path, model_name: str | None
   return model, variables, model_name, None
 
 
-def inspect(src: str | pathlib.Path, model_name: str | None = None) -> str:
+# Column legends of the ``--layers`` tables: every column named and explained.
+_LAYER_LEGEND = (
+    "per layer (conv and dense): layer = Flax module path; kind = conv or "
+    "dense; dsp = * when the layer takes part in DSP; kernels = kept / all "
+    "(filter, input channel) kernels; MACs = kept / dense multiply-"
+    "accumulates per image; params = kept / dense parameters")
+_TENSOR_LEGEND = ("per weight tensor of 2 or more dimensions (conv and "
+                  "linear weights, PyTorch layout: out, in, ...): name, shape")
+
+
+def inspect(src: str | pathlib.Path, model_name: str | None = None,
+            layers: bool = False) -> str:
   """Text report of a variables/run directory or of any file ``export``
-  writes: summary first, then the layers (and branches of packed files).
+  writes: the summary, then (``layers``) one row per layer.
 
   Args:
     src: a directory (variables, stage or run), a packed DSP TorchScript
@@ -195,6 +205,7 @@ def inspect(src: str | pathlib.Path, model_name: str | None = None) -> str:
       file (TorchScript, ``.pt2``, state dict, ONNX).
     model_name: registry name of a state dict of another architecture than
       the DSP CifarResNet.
+    layers: append the per-layer table (its header explains every column).
 
   Returns:
     The report.
@@ -203,26 +214,26 @@ def inspect(src: str | pathlib.Path, model_name: str | None = None) -> str:
   if not src.exists():
     raise FileNotFoundError(f"no such file or directory: {src}")
   if src.is_file() and not _reads_as_model(src, model_name):
-    return _inspect_file(src)
+    return _inspect_file(src, layers)
   model, variables, name, branches = _load_any(src, model_name)
   family = models.model_spec(name).family
   from models import flops  # pylint: disable=import-outside-toplevel
   rep = flops.report(model, variables,
                      getattr(models.unwrap(model), "image_size", None) or 32)
+  # format_table ends with the two summary lines (DSP and whole-model).
+  table = flops.format_table(rep).splitlines()
   lines = [f"{src}: {name} ({family}), parameters {rep.params:,} of "
            f"{rep.params_dense:,}, MACs {rep.macs:,} of {rep.macs_dense:,} "
-           f"per image"]
-  for layer in tables.find_layers(variables, family):
-    k = paths.get(variables[tables.PARAMS],
-                        layer.path + ("scale" if "norm" in layer.kind
-                                      else "kernel",))
-    lines.append(f"  {layer.name:<28} {layer.kind:<9} {tuple(np.shape(k))}")
+           f"per image", *table[-2:]]
   if branches is None and family == jax_side.FAMILY:
     branches = dsp.branch_counts(jax_side.plan_from_variables(variables))
   if branches:
-    lines.append("branches per block (conv_a, conv_b):")
+    lines.append("branches per block (packed convs: conv_a, conv_b):")
     lines += [f"  {b:<12} {a} {c}" for b, (a, c) in branches.items()]
-  lines.append(flops.format_table(rep))
+  if layers:
+    lines += ["", _LAYER_LEGEND, *table[:-3]]
+  else:
+    lines.append("(--layers: one row per layer)")
   return "\n".join(lines)
 
 
@@ -241,9 +252,9 @@ def _reads_as_model(src: pathlib.Path, model_name: str | None) -> bool:
   return True
 
 
-def _inspect_file(src: pathlib.Path) -> str:
-  """Any exported file: its kind, tensors and layers (weights with their
-  shapes), parameters; ONNX: opset, inputs/outputs and operators."""
+def _inspect_file(src: pathlib.Path, layers: bool = False) -> str:
+  """Any exported file: its kind, tensor count and numbers; ONNX: opset,
+  inputs/outputs and operators; with ``layers``, the weights' shapes."""
   import torch  # pylint: disable=import-outside-toplevel
   lines: list[str] = []
   if src.suffix == ".json":
@@ -295,11 +306,14 @@ def _inspect_file(src: pathlib.Path) -> str:
   lines.append(f"{head}, {len(tensors)} tensors, {total:,} numbers" + (
       " (frozen: its weights are constants of the code)"
       if not tensors and src.suffix != ".onnx" else ""))
-  for name, shape in tensors.items():
-    if len(shape) >= 2:  # conv and linear weights: the layers' widths
-      lines.append(f"  {name:<40} {shape}")
   if tail:
     lines.append(tail)
+  weights = [(n, s) for n, s in tensors.items() if len(s) >= 2]
+  if layers and weights:  # conv and linear weights: the layers' widths
+    lines += ["", _TENSOR_LEGEND]
+    lines += [f"  {name:<40} {shape}" for name, shape in weights]
+  elif weights:
+    lines.append("(--layers: the weights' shapes)")
   return "\n".join(lines)
 
 
@@ -309,7 +323,8 @@ def _add_export_arguments(p: argparse.ArgumentParser) -> None:
                  "run's stage directory (meta.json + checkpoints)")
   p.add_argument("--which", choices=("best", "latest"), default="best",
                  help="checkpoint of a stage directory")
-  p.add_argument("--out", required=True)
+  p.add_argument("--out", required=True,
+                 help="output directory (created; files written atomically)")
   p.add_argument("--format", choices=("all",) + formats.FORMATS,
                  default="all", dest="export_format",
                  help="all (default): every format that applies; torch / "
@@ -321,7 +336,9 @@ def _add_export_arguments(p: argparse.ArgumentParser) -> None:
                  "beside packed or slim files")
   p.add_argument("--stage", choices=reference.STAGES,
                  help="also write the reference-format state dict (packed)")
-  p.add_argument("--accuracy", type=float, default=0.0)
+  p.add_argument("--accuracy", type=float, default=0.0,
+                 help="accuracy stored in the reference-format file "
+                 "(with --stage; default 0)")
   p.add_argument("--image-size", type=int,
                  help="input size (default: the model's, or 32)")
   p.add_argument("--no-program", action="store_true",
@@ -420,22 +437,49 @@ def _run_export(args: argparse.Namespace) -> None:
         f"{d['macs_after']:,} (the pruned network's description)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of ``python -m convert``."""
-  parser = argparse.ArgumentParser(prog="python -m convert",
-                                   description=__doc__.split("\n\n")[0])
+# Plain text for --help (the module docstring is reStructuredText).
+DESCRIPTION = (
+    "Convert between this project's JAX variables and PyTorch / ONNX files: "
+    "import a packed DSP file or a state dict, export a run or a variables "
+    "directory, inspect any of them. See docs/export.md.")
+
+
+def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
+  """The command line of ``python -m convert`` (every option with help)."""
+  parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("import", help="TorchScript/state dict -> variables dir")
-  p.add_argument("src")
-  p.add_argument("--out", required=True)
+  p = sub.add_parser(
+      "import", help="TorchScript/state dict -> variables dir",
+      description="Read a packed DSP TorchScript file (ours or a released "
+      "one) or a reference-format / torchvision / timm state dict into a "
+      "variables directory (variables.npz + model.json).")
+  p.add_argument("src", help="the file to import")
+  p.add_argument("--out", required=True, help="variables directory to write")
   p.add_argument("--model", help="registry name (state dicts of other "
                  "architectures than the DSP CifarResNet)")
   _add_export_arguments(sub.add_parser(
-      "export", help="variables or run stage dir -> PyTorch and ONNX files"))
-  p = sub.add_parser("inspect", help="tree, branches, FLOPs of a file/dir")
-  p.add_argument("src")
-  p.add_argument("--model")
-  args = parser.parse_args(argv)
+      "export", help="variables or run stage dir -> PyTorch and ONNX files",
+      description="Export a run, one of its stage directories or a "
+      "variables directory; every file's logits are checked against the "
+      "JAX model's."))
+  p = sub.add_parser(
+      "inspect", help="summary (and layers) of a file or directory",
+      description="Summarise a run, stage or variables directory, or any "
+      "file export writes: parameters and MACs (both measures), DSP "
+      "branches; --layers adds one row per layer.")
+  p.add_argument("src", help="a file or directory to inspect")
+  p.add_argument("--model", help="registry name of a state dict of another "
+                 "architecture than the DSP CifarResNet")
+  p.add_argument("--layers", action="store_true",
+                 help="also print one row per layer (columns explained in "
+                 "the table's header)")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m convert"
+         ) -> int:
+  """Entry point of ``python -m convert``."""
+  args = build_parser(prog).parse_args(argv)
 
   def work():
     if args.command == "import":
@@ -448,6 +492,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       with errors.exit_on_interrupt():  # Its files are written atomically.
         _run_export(args)
     else:
-      print(inspect(args.src, args.model))
+      print(inspect(args.src, args.model, args.layers))
 
   return errors.call(work, outputs=[getattr(args, "out", None)], status=2)

@@ -3,6 +3,7 @@
 import sys
 
 from ddrop_jax import cli
+from training import errors
 
 if __name__ == "__main__":
-  sys.exit(cli.main())
+  sys.exit(errors.quiet_pipe(cli.main))

@@ -83,19 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--total_steps", type=int, default=None,
                  help="optimizer steps of the schedule progression (default "
                  "one third of the DDROP phase)")
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--test-batch-size", type=int, default=100)
+  p.add_argument("--batch-size", type=int, default=128,
+                 help="global training batch (default 128)")
+  p.add_argument("--test-batch-size", type=int, default=100,
+                 help="evaluation batch (default 100)")
   p.add_argument("--epochs", type=int, default=200,
                  help="DDROP-phase epochs")
-  p.add_argument("--lr", type=float, default=0.1)
-  p.add_argument("--weight-decay", type=float, default=1e-4)
+  p.add_argument("--lr", type=float, default=0.1,
+                 help="peak lr of the before and DDROP phases (default 0.1)")
+  p.add_argument("--weight-decay", type=float, default=1e-4,
+                 help="weight decay on weight parameters (default 1e-4)")
   p.add_argument("--before-epochs", type=int, default=100,
                  help="plain-training epochs before DDROP (0 skips)")
   p.add_argument("--amount", type=float, default=0.5,
                  help="fraction of units pruned per layer, in [0, 1)")
-  p.add_argument("--ft-epochs", type=int, default=50)
-  p.add_argument("--ft-lr", type=float, default=0.01)
-  p.add_argument("--seed", type=int, default=42)
+  p.add_argument("--ft-epochs", type=int, default=50,
+                 help="fine-tuning epochs after pruning (default 50)")
+  p.add_argument("--ft-lr", type=float, default=0.01,
+                 help="fine-tuning peak lr (default 0.01)")
+  p.add_argument("--seed", type=int, default=42,
+                 help="random seed (default 42)")
   p.add_argument("--workdir", default=None,
                  help="run directory (default runs/ddrop_MODEL_DATASET)")
   return p

@@ -1,4 +1,4 @@
-"""``method='dsp'``: pretrain → group → prune_finetune → pack (specs/dsp.md).
+"""``method='dsp'``: pretrain → group → prune_finetune → pack (docs/concepts.md).
 
     python run.py --config configs/dsp_cifar10_resnet20.py:g4 --workdir runs/r20
 

@@ -46,7 +46,7 @@ def test_seed_readme_flags_have_fields():
          "dsp.finetune_epochs"]
   missing = [f for f in ddrop + dsp if f not in fields]
   assert not missing
-  # Reference defaults (specs/dsp.md §1-3).
+  # Reference defaults (docs/concepts.md, DSP).
   c = config_lib.default_config()
   assert (c.dsp.pretrain_epochs, c.dsp.group_epochs, c.dsp.finetune_epochs,
           c.dsp.cycles) == (164, 120, 400, 5)

@@ -60,7 +60,7 @@ def test_cosine_epoch_matches_torch_per_epoch():
 def test_dsp_step_schedule_matches_reference_formula(epochs):
   spe = 3
 
-  def reference(epoch):  # Written from specs/dsp.md §1, per epoch.
+  def reference(epoch):  # Written from docs/concepts.md (DSP pretraining), per epoch.
     lr = 0.1
     if epoch >= epochs / 2:
       lr *= 0.1

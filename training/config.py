@@ -12,8 +12,8 @@ Sections:
   training recipe (``epochs`` + ``optim``), checkpointing and logging;
 * ``optim``: optimizer and schedule of ``method='train'`` (see
   ``training/optim.py`` for the formulas);
-* ``dsp``: Dynamic Structure Pruning (``specs/dsp.md`` §1–3 defaults);
-* ``ddrop``: dynamic dropout pruning (``specs/ddrop.md`` §1–5 defaults).
+* ``dsp``: Dynamic Structure Pruning (defaults: ``docs/concepts.md``);
+* ``ddrop``: dynamic dropout pruning (defaults: ``docs/concepts.md``).
 
 Mapping of the original command-line flags to fields:
 
@@ -62,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -320,7 +321,7 @@ SCHEMA: dict[str, Any] = {
                     "$JAX_PROCESS_ID, else detected).", min=-1),
     "distributed_timeout": F(300, "Seconds to wait for every process to join "
                              "(and to detect a lost one).", min=1),
-    # DSP (specs/dsp.md).
+    # DSP (docs/concepts.md).
     "dsp": {
         "groups": F(4, "G: groups per taking-part conv (-g).", min=1),
         "regularize": F(2e-3, "λ: group-regulariser strength (-r).", min=0.0),
@@ -365,7 +366,7 @@ SCHEMA: dict[str, Any] = {
                        "stage directory, a `python -m convert import` "
                        "directory, or a reference-format .pkl ('' = none)."),
     },
-    # DDROP (specs/ddrop.md).
+    # DDROP (docs/concepts.md).
     "ddrop": {
         "prob": F((0.0, 0.95), "(min, max) KEEP probabilities of the least/"
                   "most important unit (--prob).", min=0.0, max=1.0,
@@ -556,6 +557,51 @@ def check_override_paths(argv: list[str], flag: str = "config") -> None:
         sorted(sections) if not parent else [])))
 
 
+_TYPE_NAMES = {bool: "a boolean (true or false)", int: "an integer",
+               float: "a number", tuple: "a tuple, e.g. (0.1, 0.9)",
+               str: "a string"}
+
+
+def check_override_values(argv: list[str], flag: str = "config") -> None:
+  """Rejects ``--config.PATH=VALUE`` overrides whose VALUE does not parse as
+  the field's type.
+
+  Run before the flag parser, whose own error is a two-line ``FATAL Flags
+  parsing error``; the parsers are the ones ``ml_collections`` applies, so
+  what passes here parses there.
+
+  Args:
+    argv: command-line arguments.
+    flag: name of the config flag.
+
+  Raises:
+    ConfigError: for the first value that does not parse, naming the field
+      and the expected type.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections.config_flags import tuple_parser  # pylint: disable=g-import-not-at-top
+  parsers = {bool: flags.BooleanParser(), int: flags.IntegerParser(),
+             float: flags.FloatParser(), tuple: tuple_parser.TupleParser()}
+  known = fields()
+  for i, arg in enumerate(argv):
+    if not arg.startswith(f"--{flag}."):
+      continue
+    path, eq, value = arg[len(flag) + 3:].partition("=")
+    field = known.get(path)
+    if field is None or type(field.default) not in parsers:
+      continue  # Unknown paths: check_override_paths; strings: anything.
+    kind = type(field.default)
+    if not eq:
+      if kind is bool or i + 1 >= len(argv):
+        continue  # A bare boolean flag means True.
+      value = argv[i + 1]
+    try:
+      parsers[kind].parse(value)
+    except (ValueError, SyntaxError):
+      raise ConfigError(f"--{flag}.{path}: expected {_TYPE_NAMES[kind]}, "
+                        f"got {value!r}") from None
+
+
 def selected_stages(config: Mapping[str, Any]) -> tuple[str, ...]:
   """The stages of ``config.method`` selected by ``config.stages``, in order."""
   all_stages = STAGES[config["method"]]
@@ -615,5 +661,12 @@ def describe() -> str:
   return "\n".join(rows)
 
 
-if __name__ == "__main__":
+def main() -> int:
+  """``python -m training.config``: prints the table; returns 0."""
   print(describe())
+  return 0
+
+
+if __name__ == "__main__":
+  from training import errors  # pylint: disable=g-import-not-at-top
+  sys.exit(errors.quiet_pipe(main))

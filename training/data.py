@@ -82,7 +82,7 @@ from training import datasets
 from training.datasets import fashion_mnist
 
 # Per-channel statistics on the 0..1 scale. CIFAR: the DSP reference values
-# (specs/dsp.md §1), used for CIFAR-100 as well.
+# (docs/concepts.md, DSP pretraining), used for CIFAR-100 as well.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 

@@ -157,3 +157,30 @@ def call(fn: Callable[[], Any], outputs: Sequence[str | os.PathLike] = (),
   except SystemExit as e:
     return int(e.code or 0)
   return 0
+
+
+def quiet_pipe(fn: Callable[..., Any], *args: Any) -> int:
+  """Runs ``fn(*args)``; a reader that stops early ends the program quietly.
+
+  ``python -m training.config | head`` closes the pipe after ten lines; the
+  next write (or the interpreter's final flush) would raise
+  ``BrokenPipeError`` and print a traceback. Here it ends the program with
+  the status a shell gives a process killed by SIGPIPE (141), silently.
+
+  Args:
+    fn: an entry point's main function.
+    *args: its arguments.
+
+  Returns:
+    ``fn``'s exit status (None counts as 0), or 141 after a broken pipe.
+  """
+  try:
+    status = fn(*args)
+    sys.stdout.flush()
+  except BrokenPipeError:
+    # Stdout is gone: point it at /dev/null so that the interpreter's flush
+    # at exit does not report the same error again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+  return int(status or 0)

@@ -151,13 +151,16 @@ def launch(command: Sequence[str], num_processes: int, devices: int = 1,
         log.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None,
+         prog: str = "python -m training.launch") -> int:
   """The command line (module docstring); returns the exit status."""
   parser = argparse.ArgumentParser(
-      prog="python -m training.launch",
+      prog=prog,
       description="Run a command as N local processes of one JAX job.")
-  parser.add_argument("-n", "--num-processes", type=int, required=True)
-  parser.add_argument("--devices-per-process", type=int, default=1)
+  parser.add_argument("-n", "--num-processes", type=int, required=True,
+                      help="processes of the job (N)")
+  parser.add_argument("--devices-per-process", type=int, default=1,
+                      help="simulated CPU devices per process (default 1)")
   parser.add_argument("--timeout", type=float, default=None,
                       help="kill every process after this many seconds")
   parser.add_argument("--port", type=int, default=None,
@@ -177,4 +180,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from training import errors  # pylint: disable=g-import-not-at-top
+  sys.exit(errors.quiet_pipe(main))

@@ -1,6 +1,6 @@
 """CutMix / MixUp and soft targets, on device (pure, jittable).
 
-The ImageNet recipe of specs/ddrop.md §7: with probability ``prob`` a
+The ImageNet recipe of docs/data.md: with probability ``prob`` a
 training batch is mixed, by CutMix (Beta(``cutmix_alpha``)) with probability
 ``cutmix_prob``, else by MixUp (Beta(``mixup_alpha``)). As torchvision's
 ``transforms.v2.CutMix``/``MixUp``, one λ per batch and the batch is paired

@@ -43,20 +43,32 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _series(records: Sequence[Mapping[str, Any]], stage: str, split: str,
-            key: str) -> tuple[list[int], list[float]]:
+            key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
   pts = [(r["step"], r[key]) for r in records
          if r.get("stage") == stage and r.get("split") == split
          and isinstance(r.get(key), (int, float))]
-  return [p[0] for p in pts], [p[1] for p in pts]
+  return [p[0] for p in pts], [scale * p[1] for p in pts]
+
+
+def run_title(workdir: str | os.PathLike, report: Mapping[str, Any]) -> str:
+  """``run NAME: METHOD, MODEL on DATASET`` (what the report names)."""
+  what = ", ".join(str(report[k]) for k in ("method", "model")
+                   if report.get(k))
+  if report.get("dataset"):
+    what += f" on {report['dataset']}"
+  name = pathlib.Path(workdir).resolve().name
+  return f"run {name}" + (f": {what}" if what else "")
 
 
 def plot_curves(records: Sequence[Mapping[str, Any]],
-                path: str | os.PathLike) -> pathlib.Path:
-  """Loss, accuracy and lr per stage (one column per stage).
+                path: str | os.PathLike, title: str | None = None
+                ) -> pathlib.Path:
+  """Loss, accuracy (%) and lr per stage (one column per stage).
 
   Args:
     records: ``metrics.jsonl`` records.
     path: the PNG to write.
+    title: the figure's title (the run's name).
 
   Returns:
     ``path``.
@@ -70,19 +82,22 @@ def plot_curves(records: Sequence[Mapping[str, Any]],
     ax_loss, ax_acc, ax_lr = axes[:, col]
     ax_loss.set_title(stage, fontsize=9)
     ax_loss.plot(*_series(records, stage, "train", "loss"), label="train")
-    ax_acc.plot(*_series(records, stage, "train", "accuracy"), label="train")
+    ax_acc.plot(*_series(records, stage, "train", "accuracy", 100),
+                label="train")
     for split in splits:
       ax_loss.plot(*_series(records, stage, split, "loss"), "o-", ms=3,
                    label=split)
-      ax_acc.plot(*_series(records, stage, split, "accuracy"), "o-", ms=3,
-                  label=split)
+      ax_acc.plot(*_series(records, stage, split, "accuracy", 100), "o-",
+                  ms=3, label=split)
     ax_lr.plot(*_series(records, stage, "train", "lr"))
     ax_lr.set_xlabel("step")
     if col == 0:
       ax_loss.set_ylabel("loss")
-      ax_acc.set_ylabel("accuracy")
+      ax_acc.set_ylabel("accuracy (%)")
       ax_lr.set_ylabel("lr")
       ax_acc.legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -104,13 +119,14 @@ def structure_rows(report: Mapping[str, Any]
   return [(name, [(n - p, 1)], n) for name, (p, n) in units.items()]
 
 
-def plot_structure(report: Mapping[str, Any],
-                   path: str | os.PathLike) -> pathlib.Path | None:
+def plot_structure(report: Mapping[str, Any], path: str | os.PathLike,
+                   title: str | None = None) -> pathlib.Path | None:
   """Kept filters x kept inputs per layer and group (None: nothing pruned).
 
   Args:
     report: the report dict.
     path: the PNG to write.
+    title: the figure's title (the run's name).
 
   Returns:
     ``path``, or None when the report has no pruned structure.
@@ -134,14 +150,16 @@ def plot_structure(report: Mapping[str, Any],
   ax.invert_yaxis()
   ax.set_xlabel("kept units (outline: dense)" if ddrop else
                 "kept filters x kept inputs, one colour per group")
+  if title:
+    ax.set_title(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
   return pathlib.Path(path)
 
 
-def plot_pflops(report: Mapping[str, Any],
-                path: str | os.PathLike) -> pathlib.Path | None:
+def plot_pflops(report: Mapping[str, Any], path: str | os.PathLike,
+                title: str | None = None) -> pathlib.Path | None:
   """DSP: P.FLOPS and accuracy per fine-tuning cycle (None: not DSP)."""
   cycles = report.get("cycles")
   if not cycles:
@@ -161,6 +179,8 @@ def plot_pflops(report: Mapping[str, Any],
   acc.set_ylabel("best accuracy (%)")
   ax.legend(loc="lower left", fontsize=7)
   acc.legend(loc="lower right", fontsize=7)
+  if title:
+    ax.set_title(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -189,10 +209,12 @@ def plot_run(workdir: str | os.PathLike) -> dict[str, str]:
   out = workdir / DIR
   out.mkdir(parents=True, exist_ok=True)
   written = {}
+  title = run_title(workdir, report)
   if metrics.is_file():
-    written["curves"] = plot_curves(read_metrics(metrics), out / "curves.png")
+    written["curves"] = plot_curves(read_metrics(metrics), out / "curves.png",
+                                    title)
   for name, fn in (("structure", plot_structure), ("pflops", plot_pflops)):
-    p = fn(report, out / f"{name}.png")
+    p = fn(report, out / f"{name}.png", title)
     if p is not None:
       written[name] = p
   return {k: str(v) for k, v in written.items()}
@@ -214,4 +236,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from training import errors  # pylint: disable=g-import-not-at-top
+  sys.exit(errors.quiet_pipe(main))

@@ -72,8 +72,32 @@ def relative_paths(value: Any, root: str | os.PathLike) -> Any:
   return fix(value)
 
 
+# TensorBoard event files of a run (beside metrics.jsonl), when tensorboardX
+# is installed (the optional ``tensorboard`` extra).
+TENSORBOARD_DIR = "tensorboard"
+_tensorboard_note_shown = False
+
+
+def _tensorboard_writer(workdir: pathlib.Path) -> Any:
+  """A tensorboardX ``SummaryWriter`` into ``workdir/tensorboard``, or None
+  (tensorboardX not installed: said once per process)."""
+  global _tensorboard_note_shown
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    if not _tensorboard_note_shown:
+      _tensorboard_note_shown = True
+      print("note: no TensorBoard event files (tensorboardX is not "
+            "installed: pip install -e '.[tensorboard]'); metrics.jsonl has "
+            "every metric")
+    return None
+  return SummaryWriter(str(workdir / TENSORBOARD_DIR))
+
+
 class MetricsWriter:
-  """Appends metrics to ``workdir/metrics.jsonl`` (process 0 only).
+  """Appends metrics to ``workdir/metrics.jsonl`` (process 0 only), and to
+  TensorBoard event files in ``workdir/tensorboard/`` when tensorboardX is
+  installed (tags ``stage/split/metric``).
 
   Args:
     workdir: the run directory.
@@ -82,8 +106,10 @@ class MetricsWriter:
   def __init__(self, workdir: str | os.PathLike):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self.enabled = jax.process_index() == 0
+    self._tensorboard = None
     if self.enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      self._tensorboard = _tensorboard_writer(self.path.parent)
 
   def truncate(self, stage: str, after_step: int) -> None:
     """Drops records of ``stage`` past ``after_step`` (before a resume, so the
@@ -120,9 +146,18 @@ class MetricsWriter:
         f.write(json.dumps(rec) + "\n")
     except OSError as e:  # A full disk: say which file (write() does not).
       raise OSError(e.errno, e.strerror, str(self.path)) from None
+    if self._tensorboard is not None:
+      for k, v in rec.items():
+        if k not in ("stage", "step", "split", "time") and isinstance(
+            v, (int, float)) and not isinstance(v, bool):
+          self._tensorboard.add_scalar(f"{stage}/{split}/{k}", v, int(step))
 
   def close(self) -> None:
-    """Nothing to release (every record is appended and closed at once)."""
+    """Flushes the TensorBoard events (metrics.jsonl is appended and closed
+    at every record)."""
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._tensorboard = None
 
 
 def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> dict[str, Any]:
