@@ -439,3 +439,20 @@ def model_for(graph: Any, batch: int, table_path: str | os.PathLike | None,
   shapes = [shape_of(l) for l in graph.producers if l.feature_groups == 1]
   return LatencyModel(graph, batch,
                       load_or_measure(table_path, shapes, batch, threads))
+
+
+TABLE_FILE = "latency_table.json"
+
+
+def from_config(section: Mapping[str, Any], workdir: str | os.PathLike,
+                graph: Any, targeted: bool) -> LatencyModel:
+  """The latency model a run's ``latency`` config section asks for.
+
+  A measured table is made (or read from its cache: ``latency.table``, else
+  ``TABLE_FILE`` in the workdir) only when a latency target is set
+  (``targeted``) and ``latency.measured``; otherwise the analytic fallback
+  prices the report's prediction without timing anything.
+  """
+  path = section["table"] or pathlib.Path(workdir) / TABLE_FILE
+  return model_for(graph, section["batch"], path, section["threads"],
+                   measured=bool(section["measured"] and targeted))

@@ -250,3 +250,47 @@ def test_config_fields_parse_and_validate():
   c.dsp.target_latency, c.latency.batch = 0.6, 0
   with pytest.raises(config_lib.ConfigError, match="latency.batch"):
     config_lib.validate(c)
+
+
+# ----------------------------------------------------------------- pipelines
+def test_dsp_pipeline_prunes_to_a_latency_target(tmp_path):
+  from configs import base
+  from dsp_jax import pipeline
+  c = base.get_config()
+  c.method, c.dataset, c.model = "dsp", "digits", "cifar_resnet8"
+  c.widths = "16,32,64"
+  c.batch_size, c.test_batch_size, c.max_steps = 32, 200, 2
+  c.progress_bar, c.checkpoint_every_steps = False, 100
+  c.stages = "pretrain,group,prune_finetune"
+  d = c.dsp
+  d.groups, d.pretrain_epochs, d.group_epochs = 2, 1, 1
+  d.finetune_epochs, d.cycles = 1, 1
+  d.target_latency, d.round_to = 0.8, 8
+  c.latency.measured = False  # The analytic model: nothing timed in tests.
+  config_lib.validate(c)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    report = pipeline.run(c, tmp_path)
+  got = report["latency"]
+  assert got["source"] == "analytic" and got["batch"] == 128
+  assert 0.7 <= got["fraction"] <= 0.8
+  assert report["pflops_reference"] > 0
+
+
+def test_ddrop_pipeline_chooses_the_amount_of_a_latency_target(tmp_path):
+  from configs import base
+  from ddrop_jax import pipeline
+  c = base.get_config()
+  c.method, c.dataset, c.model = "ddrop", "digits", "cifar_resnet10_tiny"
+  c.batch_size, c.test_batch_size, c.max_steps = 32, 400, 2
+  c.progress_bar, c.checkpoint_every_steps = False, 100
+  c.stages = "before,ddrop,prune"
+  d = c.ddrop
+  d.before_epochs, d.epochs, d.ft_epochs = 1, 1, 0
+  d.target_latency, d.round_to = 0.9, 2
+  c.latency.measured = False
+  config_lib.validate(c)
+  report, _ = pipeline.execute(c, tmp_path)
+  got = report["latency"]
+  assert got["fraction"] <= 0.9 and got["target"] == 0.9
+  assert 0.0 < report["amount"] < 1.0
