@@ -15,18 +15,25 @@ is looked up in a ``Table`` measured once per machine:
   the per-call overhead is a constant), so a lookup is a few array
   operations and a 10-prune search stays in milliseconds;
 * per-element costs of the ops around the convs: ``gather``
-  (``index_select`` of kept inputs), ``copy`` (concatenating branch outputs)
-  and ``eltwise`` (a ReLU or residual add over a layer's output).
+  (``index_select`` of kept inputs), ``copy`` (concatenating branch outputs),
+  ``eltwise`` (a ReLU or residual add over a layer's output) and, for the
+  residual sum of a block whose last conv keeps fewer filters than the
+  stream, ``residual_copy`` + ``scatter`` (an out-of-place ``index_add``).
+
+Timings are the least of ``repeats`` runs taken round-robin over all points
+of a shape (load on a shared machine only adds time), and each grid is made
+monotone (a narrower conv never costs more than a wider one, ``monotone``).
 
 A layer is predicted as the cheapest of the fast lowering's formulations
 (``convert.fast``): ``union`` (one conv over the union of kept inputs,
 gathered unless the union is every input), ``dense_in`` (one conv over every
 input channel) and ``branches`` (one conv per group over its own inputs,
-outputs concatenated), plus an elementwise op over its kept outputs. Layers
-that pruning leaves whole add their full-size time. The prediction ignores
-the residual index-adds and the pooling/head, which are the same order for
-dense and pruned networks, so fractions (pruned / dense prediction) are the
-figures to use, not absolute seconds.
+outputs concatenated), plus an elementwise op over its kept outputs (the
+residual sum and ReLU over the whole stream for a block's last conv, with
+the index-add when it keeps fewer filters). Layers that pruning leaves whole
+add their full-size time. The prediction leaves out pooling and the head,
+the same for dense and pruned networks, so fractions (pruned / dense
+prediction) are the figures to use, not absolute seconds.
 
 The table is cached in a JSON file keyed by the machine (platform and CPU
 model), the torch version, the thread count, the batch and the memory
@@ -46,19 +53,18 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 # The fast lowering runs NCHW up to this batch and channels_last above it
 # (``convert.fast.SMALL_BATCH_MAX``).
 SMALL_BATCH_MAX = 8
 # Per-element ops measured beside the convs (see the module docstring).
-OPS = ("gather", "copy", "eltwise")
+OPS = ("gather", "copy", "eltwise", "index_add")
 
 
 def memory_format_for(batch: int) -> str:
@@ -134,14 +140,15 @@ class Table:
 
   Attributes:
     env: what the measurements are valid for (``environment``).
-    entries: shape key -> ``{"in": grid, "out": grid, "seconds": [[...]]}``
-      (seconds of one call at ``env['batch']``, rows by input width).
-    ops: seconds per element of ``OPS``.
+    entries: shape key -> ``{"in": grid, "out": grid, "seconds": [[...]],
+      "ops": {op: seconds per element}}`` (seconds of one call at
+      ``env['batch']``, rows by input width; ``OPS`` timed on the layer's
+      own input and output tensors: a per-element cost depends on the
+      tensor's size, in cache or not).
   """
 
   env: dict[str, Any]
   entries: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-  ops: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def batch(self) -> int:
@@ -160,8 +167,8 @@ class Table:
     return float(_bilinear(gi, go, t, cin, cout))
 
   def to_json(self) -> dict[str, Any]:
-    return {"version": TABLE_VERSION, "env": self.env, "ops": self.ops,
-            "entries": {k: {f: v[f] for f in ("in", "out", "seconds")}
+    return {"version": TABLE_VERSION, "env": self.env,
+            "entries": {k: {f: v[f] for f in ("in", "out", "seconds", "ops")}
                         for k, v in self.entries.items()}}
 
   @classmethod
@@ -169,8 +176,7 @@ class Table:
     if d.get("version") != TABLE_VERSION:
       raise ValueError(f"table version {d.get('version')!r}, expected "
                        f"{TABLE_VERSION}")
-    t = cls(dict(d["env"]), {k: dict(v) for k, v in d["entries"].items()},
-            dict(d["ops"]))
+    t = cls(dict(d["env"]), {k: dict(v) for k, v in d["entries"].items()})
     for e in t.entries.values():
       e["_arrays"], e["_t"] = _arrays(e), np.asarray(e["seconds"])
     return t
@@ -211,26 +217,45 @@ def environment(batch: int, threads: int = 1) -> dict[str, Any]:
           "memory_format": memory_format_for(batch)}
 
 
-def _median_seconds(fn, warmup: int, repeats: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
+def _min_seconds(calls: Sequence, warmup: int, repeats: int) -> list[float]:
+  """Per call, the least of ``repeats`` timings taken round-robin over all
+  calls (A, B, A, B, ...) after ``warmup`` untimed calls each.
+
+  On a shared machine load only ever adds time, so the least timing is the
+  layer's own cost; round-robin spreads a burst of load over every point
+  instead of one.
+  """
+  for fn in calls:
+    for _ in range(warmup):
+      fn()
+  best = [float("inf")] * len(calls)
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for k, fn in enumerate(calls):
+      t0 = time.perf_counter()
+      fn()
+      best[k] = min(best[k], time.perf_counter() - t0)
+  return best
+
+
+def monotone(t: np.ndarray) -> np.ndarray:
+  """``t[i, j]`` lowered to the least time of any wider point (i' >= i,
+  j' >= j): a narrower conv never costs more than a wider one (the fast
+  lowering could run it as the wider conv with zero weights), so a larger
+  value is noise."""
+  t = np.minimum.accumulate(t[::-1], axis=0)[::-1]
+  return np.minimum.accumulate(t[:, ::-1], axis=1)[:, ::-1]
 
 
 def measure(shapes: Iterable[LayerShape], batch: int, threads: int = 1,
-            repeats: int = 3, table: Table | None = None) -> Table:
+            repeats: int = 5, table: Table | None = None) -> Table:
   """Times every shape on its width grid with torch (module docstring).
 
   Args:
     shapes: layer shapes to measure (those already in ``table`` are skipped).
     batch: the batch every call runs at.
     threads: ``torch.set_num_threads`` while measuring.
-    repeats: timed calls per point (median), after one warm-up call.
+    repeats: timed calls per point (the least counts, ``_min_seconds``),
+      after one warm-up call.
     table: a table of the same environment to add to (None: a new one).
 
   Returns:
@@ -248,53 +273,64 @@ def measure(shapes: Iterable[LayerShape], batch: int, threads: int = 1,
     x = torch.randn(batch, c, hw, hw)
     return x.contiguous(memory_format=torch.channels_last) if cl else x
 
+  def call(s, cin, cout):
+    if s.kind == "dense":
+      x = torch.randn(batch * s.in_hw, cin)
+      w, bias = torch.randn(cout, cin), torch.randn(cout)
+      return lambda: F.linear(x, w, bias)
+    x = image(cin, s.in_hw)
+    w = torch.randn(cout, cin, s.kernel, s.kernel)
+    if cl:
+      w = w.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(cout)
+    return lambda: F.conv2d(x, w, bias, s.stride, s.kernel // 2)
+
   try:
     with torch.no_grad():
       for s in {s.key: s for s in shapes}.values():
         if table.has(s):
           continue
         gi, go = grid(s.in_features), grid(s.out_features)
-        t = np.zeros((len(gi), len(go)))
-        for a, cin in enumerate(gi):
-          if s.kind == "dense":
-            x = torch.randn(batch * s.in_hw, cin)
-          else:
-            x = image(cin, s.in_hw)
-          for b, cout in enumerate(go):
-            if s.kind == "dense":
-              w, bias = torch.randn(cout, cin), torch.randn(cout)
-              fn = lambda: F.linear(x, w, bias)  # noqa: E731
-            else:
-              w = torch.randn(cout, cin, s.kernel, s.kernel)
-              if cl:
-                w = w.contiguous(memory_format=torch.channels_last)
-              bias = torch.randn(cout)
-              fn = lambda: F.conv2d(x, w, bias, s.stride,  # noqa: E731
-                                    s.kernel // 2)
-            t[a, b] = _median_seconds(fn, 1, repeats)
+        secs = _min_seconds([call(s, i, o) for i in gi for o in go], 1,
+                            repeats)
+        t = monotone(np.reshape(secs, (len(gi), len(go))))
         table.entries[s.key] = {"in": list(gi), "out": list(go),
-                                "seconds": t.tolist(), "_arrays": (
-                                    np.asarray(gi, float),
-                                    np.asarray(go, float)), "_t": t}
-      if not table.ops:
-        x = image(64, 32)
-        idx = torch.arange(0, 64, 2)
-        n = x.numel()
-        table.ops = {
-            "gather": _median_seconds(lambda: x.index_select(1, idx), 1,
-                                      repeats) / (n / 2),
-            "copy": _median_seconds(lambda: torch.cat([x, x], 1), 1,
-                                    repeats) / (2 * n),
-            "eltwise": _median_seconds(lambda: torch.relu(x), 1,
-                                       repeats) / n}
+                                "seconds": t.tolist(),
+                                "ops": _op_costs(s, image, repeats),
+                                "_arrays": (np.asarray(gi, float),
+                                            np.asarray(go, float)), "_t": t}
   finally:
     torch.set_num_threads(old)
   return table
 
 
+def _op_costs(s: LayerShape, image, repeats: int) -> dict[str, float]:
+  """Seconds per element of ``OPS`` on the tensors of a layer of shape ``s``.
+
+  ``gather``: half the input channels; ``copy``: two halves of the output
+  concatenated; ``eltwise``: a ReLU of the output; ``index_add``: half the
+  output's channels index-added out of place into it, per element of the
+  whole output (the residual sum of a block keeping fewer filters).
+  """
+  if s.kind == "dense":
+    return dict.fromkeys(OPS, 0.0)
+  import torch
+  x, y = image(s.in_features, s.in_hw), image(s.out_features, s.out_hw)
+  xi = torch.arange(0, s.in_features, 2)
+  yi = torch.arange(0, s.out_features, 2)
+  half = y[:, ::2].contiguous()
+  times = _min_seconds(
+      [lambda: x.index_select(1, xi), lambda: torch.cat([half, half], 1),
+       lambda: torch.relu(y), lambda: torch.index_add(y, 1, yi, half)], 1,
+      repeats)
+  return {"gather": times[0] / (x.numel() * len(xi) // s.in_features),
+          "copy": times[1] / y.numel(), "eltwise": times[2] / y.numel(),
+          "index_add": times[3] / y.numel()}
+
+
 def load_or_measure(path: str | os.PathLike | None,
                     shapes: Iterable[LayerShape], batch: int,
-                    threads: int = 1, repeats: int = 3) -> Table:
+                    threads: int = 1, repeats: int = 5) -> Table:
   """The cached table at ``path``, completed with the missing shapes.
 
   A table made on another machine, torch version, thread count, batch or
@@ -345,11 +381,12 @@ class LatencyModel:
     self.source = "measured" if table is not None else "analytic"
     if table is None:
       c = _analytic_constants(batch)
-      self.ops = {"gather": c["gather"], "copy": c["copy"],
-                  "eltwise": c["add"]}
+      # index_add over the stream: a copy, and a scatter of half of it.
+      self._ops = {"gather": c["gather"], "copy": c["copy"],
+                   "eltwise": c["add"],
+                   "index_add": c["copy"] + c["scatter"] / 2}
       self._c = c
     else:
-      self.ops = dict(table.ops)
       missing = [shape_of(l).key for l in self.layers()
                  if not table.has(shape_of(l))]
       if missing:
@@ -363,6 +400,12 @@ class LatencyModel:
     """The conv/dense layers priced (depthwise convs are left out: a
     channel-wise op, priced with the elementwise ops of their producer)."""
     return [l for l in self.graph.producers if l.feature_groups == 1]
+
+  def ops(self, layer: Any) -> Mapping[str, float]:
+    """Seconds per element of ``OPS`` around ``layer``."""
+    if self.table is None:
+      return self._ops
+    return self.table.entries[shape_of(layer).key]["ops"]
 
   def conv_seconds(self, layer: Any, cin: int, cout: int) -> float:
     """Seconds of one conv call at kept widths (cin, cout)."""
@@ -387,10 +430,10 @@ class LatencyModel:
     """
     if out <= 0 or union_in <= 0:
       return 0.0
-    s = shape_of(layer)
+    s, ops = shape_of(layer), self.ops(layer)
     in_el = self.batch * s.in_hw ** 2
     out_el = self.batch * s.out_hw ** 2
-    gather = self.ops["gather"] * in_el
+    gather = ops["gather"] * in_el
     union = self.conv_seconds(layer, union_in, out) + (
         gather * union_in if union_in < layer.in_features else 0.0)
     best = min(union, self.conv_seconds(layer, layer.in_features, out))
@@ -398,8 +441,17 @@ class LatencyModel:
     if len(live) > 1:
       best = min(best, sum(self.conv_seconds(layer, i, o) + gather * i
                            for i, o in live)
-                 + self.ops["copy"] * out_el * out)
-    return best + self.ops["eltwise"] * out_el * out
+                 + ops["copy"] * out_el * out)
+    if not layer.block_last:
+      return best + ops["eltwise"] * out_el * out
+    # The residual sum and the ReLU after it run over the whole stream; kept
+    # filters fewer than the stream's are index-added into it (out of
+    # place), as the fast lowering does.
+    full = layer.out_features
+    best += 2 * ops["eltwise"] * out_el * full
+    if out < full:
+      best += (ops["index_add"] - ops["eltwise"]) * out_el * full
+    return best
 
   def dense_seconds(self) -> float:
     """Predicted seconds of the unpruned network."""
