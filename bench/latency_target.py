@@ -8,14 +8,16 @@ Run from the repository root (one torch thread; results into
 
 Models (random weights; the pruning is what each method leaves):
 
-* ``dsp_r56_g3``: CIFAR ResNet-56, G = 3, random group logits, pruned by
-  ``dsp_jax.prune(target_latency=--target, parity=False)`` under the latency
-  model measured here (``models.latency``);
+* ``dsp_r56_g3 target t``: CIFAR ResNet-56, G = 3, random group logits,
+  pruned by ``dsp_jax.prune(target_latency=t, parity=False)`` for each t of
+  ``--targets`` under the latency model measured here (``models.latency``);
 * ``dsp_r20_g4``: ResNet-20, G = 4, random logits, pruned to ``--rate``
   P.FLOPS (the FLOPs target, parity mode, as ``bench/export_latency.py``);
-* ``ddrop_r18``: CIFAR ResNet-18 pruned by DDROP at ``--amount``.
+* ``ddrop_r18w2``: CIFAR ResNet-18 of width factor 2 (stages 16..128, so
+  that every layer is at least 16 wide) pruned by DDROP at ``--amount``.
 
-Each model is pruned with ``round_to`` 0 and ``--round-to`` (16). Rows at
+Each model is pruned with ``round_to`` 0 and ``--round-to`` (16); a target
+that rounding cannot reach is reported as such. Rows at
 ``--batch``: the dense network BN-folded in NCHW and channels_last (best
 dense = the faster), and ``fast.pt``'s lowering (``convert.fast``, the cost
 model's plan, as the exports write it) of each prune; each the median of
@@ -29,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
 import platform
+import statistics
 import sys
+import time
 import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,8 +87,8 @@ def dsp_case(name: str, groups: int, table_path, batch: int, round_to: int,
 
 
 def ddrop_case(name: str, amount: float, table_path, batch: int,
-               round_to: int):
-  model = models.create_model(name, 10)
+               round_to: int, **overrides):
+  model = models.create_model(name, 10, **overrides)
   v = artifacts.random_variables(model, 0)
   masked = artifacts.to_numpy_tree(ddrop_jax.prune(
       v, ddrop_jax.ddrop_layers(model),
@@ -100,11 +105,26 @@ def ddrop_case(name: str, amount: float, table_path, batch: int,
       "macs_ratio": fast.spec_macs(spec) / fast.spec_macs(dspec)}
 
 
+def interleaved(calls: dict, warmup: int, repeats: int) -> dict:
+  """Every timing of every call, the calls run round-robin (A, B, A, B...)
+  so that load changes hit them alike."""
+  for call in calls.values():
+    for _ in range(warmup):
+      call()
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, call in calls.items():
+      t0 = time.perf_counter()
+      call()
+      times[k].append(time.perf_counter() - t0)
+  return times
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=128)
-  ap.add_argument("--target", type=float, default=0.6,
-                  help="DSP ResNet-56's latency target (fraction of dense)")
+  ap.add_argument("--targets", type=float, nargs="+", default=[0.6, 0.8],
+                  help="DSP ResNet-56's latency targets (fraction of dense)")
   ap.add_argument("--rate", type=float, default=0.4)
   ap.add_argument("--amount", type=float, default=0.5)
   ap.add_argument("--round-to", type=int, default=16)
@@ -124,11 +144,12 @@ def main(argv=None) -> dict:
   cases = {"dsp_r20_g4": lambda r: dsp_case(
       "cifar_resnet20", 4, table, args.batch, r, True, rate=args.rate)}
   if not args.quick:
-    cases = {"dsp_r56_g3": lambda r: dsp_case(
-        "cifar_resnet56", 3, table, args.batch, r, False,
-        target_latency=args.target), **cases,
-             "ddrop_r18": lambda r: ddrop_case(
-                 "cifar_resnet18", args.amount, table, args.batch, r)}
+    r56 = {f"dsp_r56_g3 target {t}": functools.partial(
+        lambda t, r: dsp_case("cifar_resnet56", 3, table, args.batch, r,
+                              False, target_latency=t), t)
+           for t in args.targets}
+    cases = {**r56, **cases, "ddrop_r18w2": lambda r: ddrop_case(
+        "cifar_resnet18", args.amount, table, args.batch, r, factor=2)}
   x = writer.random_images(args.batch, 32, seed=args.batch)
   rows = []
   for case, build in cases.items():
@@ -144,16 +165,21 @@ def main(argv=None) -> dict:
       done.append(r)
       builds[f"fast.pt round_to={r}"] = fast.script(spec, fast.make_plan(spec))
     builds.update(el.dense_builds(dspec))
-    binds = {k: el.torch_forward(m) for k, m in builds.items()}
-    t = el.interleaved(binds, x, args.warmup, args.repeats)
-    best = min(t["dense nchw"], t["dense channels_last"])
+    times = interleaved({k: el.torch_forward(m)(x)
+                         for k, m in builds.items()},
+                        args.warmup, args.repeats)
+    stats = {"median": statistics.median, "min": min}
     for r in done:
-      measured = t[f"fast.pt round_to={r}"] / best
-      rows.append({"model": case, "round_to": r, "batch": args.batch,
-                   "best_dense_ms": best * 1e3,
-                   "fast_ms": t[f"fast.pt round_to={r}"] * 1e3,
-                   "measured_fraction": measured, "predicted_fraction":
-                   pred[r], "error": pred[r] / measured - 1, **info[r]})
+      row = {"model": case, "round_to": r, "batch": args.batch,
+             "predicted_fraction": pred[r], **info[r]}
+      for name, f in stats.items():
+        best = min(f(times["dense nchw"]), f(times["dense channels_last"]))
+        fast_s = f(times[f"fast.pt round_to={r}"])
+        row.update({f"best_dense_ms_{name}": best * 1e3,
+                    f"fast_ms_{name}": fast_s * 1e3,
+                    f"measured_fraction_{name}": fast_s / best,
+                    f"error_{name}": pred[r] / (fast_s / best) - 1})
+      rows.append(row)
       print(json.dumps(rows[-1]), flush=True)
   load = os.getloadavg()
   result = {
@@ -170,8 +196,10 @@ def main(argv=None) -> dict:
   md = [f"Command: `{result['command']}`  ",
         f"Date: {result['date']}; machine: {result['machine']}; torch "
         f"{result['torch']}, 1 thread; load average at the end "
-        f"{result['loadavg_at_end']}; median of {args.repeats} interleaved "
-        "runs.", "",
+        f"{result['loadavg_at_end']}; {args.repeats} runs interleaved "
+        "round-robin per model: fractions from the least run (the table's "
+        "statistic: load only adds time) and, in brackets, from medians.",
+        "",
         "| model | round_to | best dense ms | fast.pt ms | measured fraction "
         "| predicted fraction | error | MACs ratio |",
         "|---|---|---|---|---|---|---|---|"]
@@ -180,10 +208,13 @@ def main(argv=None) -> dict:
       md.append(f"| {r['model']} | {r['round_to']} | unreachable: "
                 f"{r['unreachable']} | | | | | |")
       continue
-    md.append(f"| {r['model']} | {r['round_to']} | {r['best_dense_ms']:.1f} "
-              f"| {r['fast_ms']:.1f} | {r['measured_fraction']:.3f} | "
-              f"{r['predicted_fraction']:.3f} | {100 * r['error']:+.1f} % | "
-              f"{r['macs_ratio']:.3f} |")
+    md.append(
+        f"| {r['model']} | {r['round_to']} | {r['best_dense_ms_min']:.1f} "
+        f"({r['best_dense_ms_median']:.1f}) | {r['fast_ms_min']:.1f} "
+        f"({r['fast_ms_median']:.1f}) | {r['measured_fraction_min']:.3f} "
+        f"({r['measured_fraction_median']:.3f}) | "
+        f"{r['predicted_fraction']:.3f} | {100 * r['error_min']:+.1f} % "
+        f"({100 * r['error_median']:+.1f} %) | {r['macs_ratio']:.3f} |")
   (args.out / f"latency_{stem}.md").write_text("\n".join(md) + "\n")
   print("\n".join(md))
   return result

@@ -14,8 +14,9 @@ is looked up in a ``Table`` measured once per machine:
   grid points (a conv's time is close to bilinear in its widths: MACs are, and
   the per-call overhead is a constant), so a lookup is a few array
   operations and a 10-prune search stays in milliseconds;
-* per-element costs of the ops around the convs: ``gather``
-  (``index_select`` of kept inputs), ``copy`` (concatenating branch outputs),
+* per-element costs of the ops around the convs: ``gather`` and
+  ``gather_base`` (``index_select`` of kept inputs: per gathered element and
+  per element of the whole input), ``copy`` (concatenating branch outputs),
   ``eltwise`` (a ReLU or residual add over a layer's output) and, for the
   residual sum of a block whose last conv keeps fewer filters than the
   stream, ``residual_copy`` + ``scatter`` (an out-of-place ``index_add``).
@@ -59,12 +60,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-TABLE_VERSION = 2
+TABLE_VERSION = 3
 # The fast lowering runs NCHW up to this batch and channels_last above it
 # (``convert.fast.SMALL_BATCH_MAX``).
 SMALL_BATCH_MAX = 8
 # Per-element ops measured beside the convs (see the module docstring).
-OPS = ("gather", "copy", "eltwise", "index_add")
+OPS = ("gather", "gather_base", "copy", "eltwise", "index_add")
 
 
 def memory_format_for(batch: int) -> str:
@@ -307,7 +308,10 @@ def measure(shapes: Iterable[LayerShape], batch: int, threads: int = 1,
 def _op_costs(s: LayerShape, image, repeats: int) -> dict[str, float]:
   """Seconds per element of ``OPS`` on the tensors of a layer of shape ``s``.
 
-  ``gather``: half the input channels; ``copy``: two halves of the output
+  ``gather`` + ``gather_base``: ``index_select`` of a quarter and of three
+  quarters of the input channels, fitted as a cost per gathered element plus
+  one per element of the whole input (a channels_last gather reads every
+  pixel's channels whatever it keeps); ``copy``: two halves of the output
   concatenated; ``eltwise``: a ReLU of the output; ``index_add``: half the
   output's channels index-added out of place into it, per element of the
   whole output (the residual sum of a block keeping fewer filters).
@@ -316,16 +320,20 @@ def _op_costs(s: LayerShape, image, repeats: int) -> dict[str, float]:
     return dict.fromkeys(OPS, 0.0)
   import torch
   x, y = image(s.in_features, s.in_hw), image(s.out_features, s.out_hw)
-  xi = torch.arange(0, s.in_features, 2)
+  few = torch.arange(max(1, s.in_features // 4))
+  many = torch.arange(max(len(few) + 1, 3 * s.in_features // 4))
   yi = torch.arange(0, s.out_features, 2)
   half = y[:, ::2].contiguous()
-  times = _min_seconds(
-      [lambda: x.index_select(1, xi), lambda: torch.cat([half, half], 1),
-       lambda: torch.relu(y), lambda: torch.index_add(y, 1, yi, half)], 1,
-      repeats)
-  return {"gather": times[0] / (x.numel() * len(xi) // s.in_features),
-          "copy": times[1] / y.numel(), "eltwise": times[2] / y.numel(),
-          "index_add": times[3] / y.numel()}
+  t_few, t_many, cat, relu, add = _min_seconds(
+      [lambda: x.index_select(1, few), lambda: x.index_select(1, many),
+       lambda: torch.cat([half, half], 1), lambda: torch.relu(y),
+       lambda: torch.index_add(y, 1, yi, half)], 1, repeats)
+  plane = x.numel() // s.in_features
+  gather = max(t_many - t_few, 0.0) / (plane * (len(many) - len(few)))
+  base = max(t_few - gather * plane * len(few), 0.0) / x.numel()
+  return {"gather": gather, "gather_base": base,
+          "copy": cat / y.numel(), "eltwise": relu / y.numel(),
+          "index_add": add / y.numel()}
 
 
 def load_or_measure(path: str | os.PathLike | None,
@@ -382,8 +390,8 @@ class LatencyModel:
     if table is None:
       c = _analytic_constants(batch)
       # index_add over the stream: a copy, and a scatter of half of it.
-      self._ops = {"gather": c["gather"], "copy": c["copy"],
-                   "eltwise": c["add"],
+      self._ops = {"gather": c["gather"], "gather_base": 0.0,
+                   "copy": c["copy"], "eltwise": c["add"],
                    "index_add": c["copy"] + c["scatter"] / 2}
       self._c = c
     else:
@@ -433,13 +441,16 @@ class LatencyModel:
     s, ops = shape_of(layer), self.ops(layer)
     in_el = self.batch * s.in_hw ** 2
     out_el = self.batch * s.out_hw ** 2
-    gather = ops["gather"] * in_el
+    def gather(i):
+      return in_el * (ops["gather"] * i
+                      + ops["gather_base"] * layer.in_features)
+
     union = self.conv_seconds(layer, union_in, out) + (
-        gather * union_in if union_in < layer.in_features else 0.0)
+        gather(union_in) if union_in < layer.in_features else 0.0)
     best = min(union, self.conv_seconds(layer, layer.in_features, out))
     live = [(i, o) for i, o in branches if i > 0 and o > 0]
     if len(live) > 1:
-      best = min(best, sum(self.conv_seconds(layer, i, o) + gather * i
+      best = min(best, sum(self.conv_seconds(layer, i, o) + gather(i)
                            for i, o in live)
                  + ops["copy"] * out_el * out)
     if not layer.block_last:
@@ -469,8 +480,12 @@ class LatencyModel:
     for p, lc in layers.items():
       if p not in self._dense:
         continue
+      # ``inputs`` are the channels the layer's input tensor keeps; the
+      # union lowering reads only those some kept filter reads.
+      union = (len(np.unique(np.concatenate([b.inputs for b in lc.branches])))
+               if lc.branches else len(lc.inputs))
       pruned[p] = self.layer_seconds(
-          self.graph[p], len(lc.inputs), len(lc.filters),
+          self.graph[p], union, len(lc.filters),
           [(len(b.inputs), len(b.filters)) for b in lc.branches])
     return self.seconds(pruned)
 
