@@ -183,7 +183,9 @@ class Table:
     return t
 
   def save(self, path: str | os.PathLike) -> None:
-    pathlib.Path(path).write_text(json.dumps(self.to_json(), indent=1))
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(self.to_json(), indent=1))
 
 
 def _arrays(e):
