@@ -360,9 +360,21 @@ class Pruner:
 
   def latency_seconds(self, masks: list[np.ndarray]) -> float:
     """Predicted seconds of the network pruned as ``masks`` say."""
+    structure = self.structure(masks)
+    kept = {e["conv"].path: o for e, (_, o, _) in zip(self.layers, structure)}
     return self.latency.seconds({
-        e["conv"].path: self.latency.layer_seconds(e["conv"], i, o, g)
-        for e, (i, o, g) in zip(self.layers, self.structure(masks))})
+        e["conv"].path: self.latency.layer_seconds(
+            e["conv"], i, o, g, self._available(e["conv"], kept))
+        for e, (i, o, g) in zip(self.layers, structure)})
+
+  def _available(self, conv: Any, kept: dict) -> int | None:
+    """Channels the input tensor of ``conv`` keeps: a conv reading only a
+    taking-part conv of its chain (conv_b after conv_a) gets that conv's
+    kept filters; one reading a residual stream, all of it (None)."""
+    if len(conv.inputs) == 1 and conv.inputs[0] in kept and (
+        self.info[conv.inputs[0]].out_features == conv.in_features):
+      return kept[conv.inputs[0]]
+    return None
 
   def latency_pruned_at(self, beta: float) -> float:
     """Predicted latency removed at β, in % of the dense prediction."""

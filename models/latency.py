@@ -429,7 +429,8 @@ class LatencyModel:
         1 + c["narrow"] / min(cin, cout))
 
   def layer_seconds(self, layer: Any, union_in: int, out: int,
-                    branches: Sequence[tuple[int, int]] = ()) -> float:
+                    branches: Sequence[tuple[int, int]] = (),
+                    available: int | None = None) -> float:
     """The cheapest lowering of a layer plus an elementwise op on its output.
 
     Args:
@@ -437,19 +438,22 @@ class LatencyModel:
       union_in: inputs read by any kept filter.
       out: kept filters.
       branches: ``(inputs, filters)`` per branch/group (empty: one branch).
+      available: channels the input tensor keeps (None: all): after a
+        pruned conv of the same chain the lowering passes only its kept
+        filters on, so a layer reading all of them gathers nothing.
     """
+    avail = layer.in_features if available is None else available
     if out <= 0 or union_in <= 0:
       return 0.0
     s, ops = shape_of(layer), self.ops(layer)
     in_el = self.batch * s.in_hw ** 2
     out_el = self.batch * s.out_hw ** 2
     def gather(i):
-      return in_el * (ops["gather"] * i
-                      + ops["gather_base"] * layer.in_features)
+      return in_el * (ops["gather"] * i + ops["gather_base"] * avail)
 
     union = self.conv_seconds(layer, union_in, out) + (
-        gather(union_in) if union_in < layer.in_features else 0.0)
-    best = min(union, self.conv_seconds(layer, layer.in_features, out))
+        gather(union_in) if union_in < avail else 0.0)
+    best = min(union, self.conv_seconds(layer, avail, out))
     live = [(i, o) for i, o in branches if i > 0 and o > 0]
     if len(live) > 1:
       best = min(best, sum(self.conv_seconds(layer, i, o) + gather(i)
@@ -488,7 +492,8 @@ class LatencyModel:
                if lc.branches else len(lc.inputs))
       pruned[p] = self.layer_seconds(
           self.graph[p], union, len(lc.filters),
-          [(len(b.inputs), len(b.filters)) for b in lc.branches])
+          [(len(b.inputs), len(b.filters)) for b in lc.branches],
+          len(lc.inputs))
     return self.seconds(pruned)
 
   def figures(self, seconds: float) -> dict[str, Any]:

@@ -180,6 +180,23 @@ def test_analytic_model_prices_smaller_layers_lower():
   assert m.dense_seconds() > 0
 
 
+def test_no_gather_when_the_input_is_the_chains_compact_output():
+  m = _analytic()
+  conv = [l for l in _dsp()[2].taking_part][1]
+  gathered = m.layer_seconds(conv, 4, 8)
+  compact = m.layer_seconds(conv, 4, 8, available=4)
+  assert compact < gathered
+
+
+def test_search_prediction_equals_the_cut_of_its_masks():
+  m = _analytic()
+  res = _prune(target_latency=0.8, latency=m, parity=False)
+  from models import graph as graph_lib
+  cut = graph_lib.cut(_dsp()[2], res.params, res.masks)
+  assert m.predict_cut(cut.layers) == pytest.approx(
+      res.latency["predicted_seconds"], rel=1e-9)
+
+
 # ------------------------------------------------------------ latency target
 @pytest.mark.parametrize("target", [0.6, 0.8])
 def test_dsp_search_hits_the_latency_target(target):
