@@ -47,6 +47,13 @@ class DdropConfig:
     l1_rank_weighted: weight the penalty of each unit by its normalised drop
       probability (see ``ddrop_jax.l1``) instead of lambda on every unit.
     amount: fraction of units pruned per layer after the DDROP phase.
+    round_to: r > 1 rounds each layer's kept unit count up to a multiple of
+      r (hardware-friendly widths; at most the layer's width, so slightly
+      fewer units than ``amount`` are pruned); 0 or 1: off.
+    target_latency: > 0: ``amount`` is chosen (one for every layer, before
+      rounding) so that the predicted latency of the pruned network is this
+      fraction of the dense one (``ddrop_jax.latency``); 0: ``amount`` as
+      given.
     prune_residual: also prune the convs feeding residual sums (each norm
       right after them on its own), as the reference code does.
     dense_drop: where a hidden Linear unit that a LayerNorm follows (VGG's
@@ -63,6 +70,8 @@ class DdropConfig:
   l1: float = DEFAULT_L1
   l1_rank_weighted: bool = False
   amount: float = 0.5
+  round_to: int = 0
+  target_latency: float = 0.0
   prune_residual: bool = False
   dense_drop: str = "linear"
 
@@ -88,6 +97,13 @@ class DdropConfig:
       raise ValueError(f"ddrop.l1 must be >= 0, got {self.l1!r}")
     if not 0.0 <= self.amount <= 1.0:
       raise ValueError(f"ddrop.amount must be in [0, 1], got {self.amount!r}")
+    if (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+        or self.round_to < 0):
+      raise ValueError(f"ddrop.round_to must be an integer >= 0, got "
+                       f"{self.round_to!r}")
+    if not 0.0 <= self.target_latency < 1.0:
+      raise ValueError(f"ddrop.target_latency must be in [0, 1), got "
+                       f"{self.target_latency!r}")
 
   @property
   def p_min(self) -> float:

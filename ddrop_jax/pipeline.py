@@ -31,6 +31,7 @@ MACs; ``models.flops.report``) and ``export`` (the files of ``pack``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -40,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from models import latency as latency_lib
 from models import paths
+from ddrop_jax import latency as ddrop_latency
 from ddrop_jax.config import DdropConfig
 from ddrop_jax.pruning import prune
 from ddrop_jax.selection import (DdropLayer, ddrop_layers, init_scales,
@@ -222,6 +225,8 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
   # 3. Pruning (DDROP off from here on).
   if "prune" in selected:
     stats = (state.extra or {}).get(STATS)
+    cfg, latency = _latency_target(config, env, model, shape, state, to_prune,
+                                   cfg, stats)
     v = prune(state.variables(), to_prune, cfg, stats=stats)
     # Computed on each host from the replicated state: must agree.
     mesh_lib.check_same_on_processes(v["masks"], "DDROP prune masks")
@@ -233,7 +238,8 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
     counts = pruned_units(v["masks"], to_prune)
     pruned = pipeline.model_figures(model, state.variables(), info.image_size)
     record = {"amount": cfg.amount, "prune_residual": cfg.prune_residual,
-              "evaluation": evals, "pruned_units": counts, "pruned": pruned}
+              "evaluation": evals, "pruned_units": counts, "pruned": pruned,
+              "latency": latency}
     if mesh_lib.is_primary():
       env.workdir.mkdir(parents=True, exist_ok=True)
       (env.workdir / PRUNE_FILE).write_text(json.dumps(record, indent=1,
@@ -243,7 +249,7 @@ def execute(config: Mapping[str, Any], workdir: str | pathlib.Path
                                    "best": pick, "best_step": 0,
                                    "evaluations": evals})
     env.report.merge({"amount": cfg.amount, "pruned_units": counts,
-                      "pruned": pruned})
+                      "pruned": pruned, "latency": latency})
 
   # 4. Fine-tuning with the masks held fixed.
   if d["ft_epochs"] > 0 and "finetune" in selected:
@@ -345,3 +351,22 @@ def pack(model: Any, variables: Mapping[str, Any], out_dir: pathlib.Path,
           "max_abs_diff": {k: float(v) for k, v in out.max_abs_diff.items()},
           "params_slim": int(summary.params_after if summary is not None
                              else out.details["params_after"])}
+
+
+def _latency_target(config, env, model, shape, state, layers, cfg, stats):
+  """``cfg`` with the amount of ``ddrop.target_latency`` (when set), and the
+  predicted latency of the prune (the report's ``latency``)."""
+  graph = models.analyze(model, shape[:2], shape[2])
+  targeted = cfg.target_latency > 0
+  lat = latency_lib.from_config(config["latency"], env.workdir, graph,
+                                targeted)
+  variables = jax.device_get(state.variables())
+  if targeted:
+    choice = ddrop_latency.choose_amount(graph, lat, variables, layers, cfg,
+                                         cfg.target_latency, stats)
+    cfg = dataclasses.replace(cfg, amount=choice.amount)
+    return cfg, {**choice.figures, "target": cfg.target_latency,
+                 "trials": [list(t) for t in choice.trials]}
+  seconds = ddrop_latency.predicted_seconds(graph, lat, variables, layers,
+                                            cfg, cfg.amount, stats)
+  return cfg, lat.figures(seconds)

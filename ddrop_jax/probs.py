@@ -197,7 +197,16 @@ def init_stats(layers: Sequence[DdropLayer]) -> dict[str, Any]:
        for l in layers})
 
 
-def prune_count(units: int, amount: float) -> int:
-  """``floor(amount * C)`` units removed from a layer of C units."""
+def prune_count(units: int, amount: float, round_to: int = 0) -> int:
+  """``floor(amount * C)`` units removed from a layer of C units.
+
+  With ``round_to`` r > 1 the KEPT count ``C - floor(amount * C)`` is
+  rounded up to a multiple of r (at most C), so fewer units are removed:
+  rounding never prunes beyond ``amount``.
+  """
   # A small tolerance keeps e.g. 0.3 * 10 at 3 despite float rounding.
-  return int(math.floor(amount * units + 1e-9))
+  pruned = int(math.floor(amount * units + 1e-9))
+  if round_to > 1:
+    kept = units - pruned
+    pruned = units - min(-(-kept // round_to) * round_to, units)
+  return pruned

@@ -1,7 +1,9 @@
 """Pruning after the DDROP phase, and masks held fixed while fine-tuning.
 
 Per pruned layer the ``floor(amount * C)`` units of smallest importance
-(ranked as for the keep probabilities: ascending, ties by index) are removed:
+(ranked as for the keep probabilities: ascending, ties by index) are removed
+(with ``round_to`` r > 1, fewer: the kept count is rounded up to a multiple
+of r):
 
 * ``masks``: column o of the producing conv/Linear kernel mask
   ``(in / groups, out)``, entry o of the norm's ``scale`` mask and of every
@@ -39,10 +41,20 @@ Array = jax.Array
 
 def pruned_units(layer: DdropLayer, params: Mapping[str, Any],
                  stats: Mapping[str, Any] | None, criterion: str,
-                 amount: float) -> Array:
-  """Boolean (C,): True for the ``floor(amount * C)`` least important units."""
+                 amount: float, round_to: int = 0) -> Array:
+  """Boolean (C,): True for the ``floor(amount * C)`` least important units
+  (fewer with ``round_to``: see ``prune_count``)."""
   v = importance(layer, params, stats, criterion)
-  return ranks(v) < prune_count(layer.units, amount)
+  return ranks(v) < prune_count(layer.units, amount, round_to)
+
+
+def check_round_to(layers: Sequence[DdropLayer], round_to: int) -> None:
+  """A ``round_to`` wider than a layer cannot be met: names the layer."""
+  for layer in layers:
+    if round_to > layer.units:
+      raise ValueError(f"ddrop.round_to={round_to} exceeds the "
+                       f"{layer.units} units of layer "
+                       f"{'/'.join(layer.path)}")
 
 
 def _scale_entry(flat: dict, key: tuple, keep: Array, fill: float = 0.0):
@@ -73,6 +85,7 @@ def prune(variables: Mapping[str, Any], layers: Sequence[DdropLayer],
     module docstring says; the ``ddrop`` and ``ddrop_stats`` collections are
     dropped (DDROP is off from here on); other collections pass through.
   """
+  check_round_to(layers, cfg.round_to)
   return _prune(dict(variables), tuple(layers), cfg, stats)
 
 
@@ -88,8 +101,8 @@ def _prune(variables, layers, cfg, stats):
     if criterion == "activation" and (
         stats is None or paths.get(stats, layer.path) is None):
       criterion = "norm"
-    keep = 1.0 - pruned_units(layer, params, stats, criterion,
-                              cfg.amount).astype(jnp.float32)
+    keep = 1.0 - pruned_units(layer, params, stats, criterion, cfg.amount,
+                              cfg.round_to).astype(jnp.float32)
     kernel = layer.producer + ("kernel",)
     for leaf in (kernel, layer.producer + ("bias",)):
       _scale_entry(flat_p, leaf, keep)

@@ -59,7 +59,8 @@ def reprune(best: Best, gates: PyTree, info: kernels_lib.Graph, *,
             groups: int,
             fp_every: int | None = None,
             fp_layers: Sequence[int] | None = None,
-            parity: bool = True) -> prune_lib.PruneResult:
+            parity: bool = True, round_to: int = 0,
+            latency: Any = None) -> prune_lib.PruneResult:
   """Between cycles: re-run the rate search at (best P.FLOPS / 100 + 0.001).
 
   Args:
@@ -70,13 +71,18 @@ def reprune(best: Best, gates: PyTree, info: kernels_lib.Graph, *,
     fp_every: n of the filter-pruning rule (None: derived, see ``prune``).
     fp_layers: explicit fp layer indices.
     parity: keep the cnt_g = 0 defect.
+    round_to: round kept counts up to a multiple of this (``prune``).
+    latency: a latency model, for the result's predicted latency. The
+      re-prune keeps the FLOPs target even under a latency target: the best
+      model already meets it, and its zeroed kernels are the search's floor.
 
   Returns:
     The new prune (params and masks for the next cycle).
   """
   return prune_lib.prune(best.params, gates, info, groups=groups,
                          rate=best.p_flops / 100.0 + 0.001, fp_every=fp_every,
-                         fp_layers=fp_layers, parity=parity)
+                         fp_layers=fp_layers, parity=parity,
+                         round_to=round_to, latency=latency)
 
 
 def cycle_schedule(lr: float, epochs: int, steps_per_epoch: int):

@@ -46,6 +46,7 @@ import numpy as np
 import dsp_jax
 import models
 from dsp_jax import group_step as group_lib
+from models import latency as latency_lib
 from training import config as config_lib
 from training import loop
 from training import mesh as mesh_lib
@@ -85,6 +86,18 @@ def reference_name(stage: str, model_name: str, groups: int,
   if stage == "group":
     return f"{base}_G{DEV}g{groups}.pkl"
   return f"{base}_P{DEV}g{groups}c{rate:.2f}.pkl"
+
+
+def target_options(config: Mapping[str, Any], graph: Any,
+                   workdir: pathlib.Path) -> dict[str, Any]:
+  """The search's target, rounding and latency model from the config:
+  ``dsp.target_latency`` > 0 replaces ``dsp.prune_rate``."""
+  d = config["dsp"]
+  targeted = d["target_latency"] > 0
+  model = latency_lib.from_config(config["latency"], workdir, graph, targeted)
+  target = ({"target_latency": d["target_latency"]} if targeted
+            else {"rate": d["prune_rate"]})
+  return {**target, "round_to": d["round_to"], "latency": model}
 
 
 def fp_options(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -336,6 +349,7 @@ def _prune_figures(res: dsp_jax.PruneResult) -> dict[str, Any]:
       "pparams_propagated": res.propagated_p_params,
       "pflops_whole_model": whole.get("pflops_whole_model"),
       "pparams_whole_model": whole.get("pparams_whole_model"),
+      "latency": res.latency,
       "empty_groups": [list(e) for e in res.empty_groups],
       "structure": [{"layer": name, "groups": [list(g) for g in per_group]}
                     for name, per_group in res.table],
@@ -362,9 +376,9 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
                                        info.channels))
   gates = variables["gates"]
   epochs = -(-d["finetune_epochs"] // d["cycles"])
+  options = target_options(config, layer_info, env.workdir)
   res = dsp_jax.prune(variables["params"], gates, layer_info,
-                      groups=d["groups"], rate=d["prune_rate"],
-                      **fp_options(config))
+                      groups=d["groups"], **options, **fp_options(config))
   _check_prune_agrees(res)
   best, best_res, cycles, last = None, None, [], None
   # Every cycle has the same optimizer and schedule, started afresh from
@@ -401,6 +415,8 @@ def prune_finetune(config, env, variables) -> dict[str, Any]:
     if cycle + 1 < d["cycles"]:
       try:
         res = dsp_jax.reprune(best, gates, layer_info, groups=d["groups"],
+                              round_to=d["round_to"],
+                              latency=options["latency"],
                               **fp_options(config))
       except ValueError as e:  # Best P.FLOPS + 0.1 pt is unreachable.
         warnings.warn(f"re-prune after cycle {cycle + 1} skipped ({e}); the "

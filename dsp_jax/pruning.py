@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -50,6 +50,9 @@ class PruneResult:
     trajectory: ``(beta, p_flops)`` of every prune of the search.
     whole_model: whole-model figures from ``models.flops`` (pruned
       whole-model MACs/params in %, counts).
+    latency: with a latency model, the predicted latency
+      (``models.latency.LatencyModel.figures``: seconds, dense seconds,
+      fraction, batch, source).
   """
 
   params: PyTree
@@ -63,6 +66,7 @@ class PruneResult:
   table: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
   trajectory: tuple[tuple[float, float], ...] = ()
   whole_model: dict | None = None
+  latency: dict | None = None
 
 
 def fp_layer_indices(num_layers: int, every: int = 2,
@@ -89,6 +93,30 @@ def _cum_threshold(sorted_vals: np.ndarray, cums: np.ndarray, beta: float,
   if not parity:
     thr = np.where(empty, -np.inf, thr)
   return thr, empty
+
+
+def check_round_to(round_to: int) -> int:
+  """``round_to`` as an int >= 0 (0 and 1 mean no rounding)."""
+  if isinstance(round_to, bool) or int(round_to) != round_to or round_to < 0:
+    raise ValueError(f"round_to must be an integer >= 0, got {round_to!r}")
+  return int(round_to)
+
+
+def round_up(kept, round_to: int, width):
+  """Kept counts rounded up to a multiple of ``round_to``, capped at
+  ``width``; 0 stays 0 (an emptied group or layer is not revived)."""
+  if round_to <= 1:
+    return kept
+  return np.minimum(-(-np.asarray(kept) // round_to) * round_to, width)
+
+
+def _descending_ranks(x: np.ndarray) -> np.ndarray:
+  """Per row, each entry's rank by decreasing value (ties: lower index
+  first)."""
+  order = np.argsort(-x, axis=-1, kind="stable")
+  ranks = np.empty_like(order)
+  np.put_along_axis(ranks, order, np.arange(x.shape[-1])[None], axis=-1)
+  return ranks
 
 
 def _normalised_sorted(x: np.ndarray):
@@ -208,14 +236,23 @@ class Pruner:
       derived from the graph (``kernels.derived_fp``).
     fp_layers: explicit fp layer indices (override ``fp_every``).
     parity: keep the reference's cnt_g = 0 rule (whole group pruned).
+    round_to: r > 1 rounds each group's kept inputs and each fp layer's kept
+      filters UP to a multiple of r (capped at the layer's width; an emptied
+      group stays empty), keeping the most important extra channels; 0 or 1:
+      off (the reference's counts).
+    latency: a ``models.latency.LatencyModel`` of ``info``, for latency
+      targets and the predicted latency of a result (None: neither).
   """
 
   def __init__(self, params: PyTree, gates: PyTree, info: graph_lib.Graph,
                groups: int, *, fp_every: int | None = None,
-               fp_layers: Sequence[int] | None = None, parity: bool = True):
+               fp_layers: Sequence[int] | None = None, parity: bool = True,
+               round_to: int = 0, latency: Any = None):
     gates_lib.check_groups(gates, groups)
     self.params, self.info, self.groups, self.parity = (params, info, groups,
                                                         parity)
+    self.round_to = check_round_to(round_to)
+    self.latency = latency
     tp = info.taking_part
     if fp_layers is None and fp_every is None:
       fp_layers = kernels_lib.derived_fp(info)
@@ -225,6 +262,10 @@ class Pruner:
       if groups > c.out_features:
         raise ValueError(f"{c.name}: groups={groups} exceeds its "
                          f"{c.out_features} filters")
+      if self.round_to > c.in_features or (
+          l in self.fp and self.round_to > c.out_features):
+        raise ValueError(f"{c.name}: round_to={self.round_to} exceeds its "
+                         f"{c.in_features} inputs / {c.out_features} filters")
       w = np.asarray(kernels_lib.kernel(params, c), np.float64)  # HWIO view
       logits = np.asarray(kernels_lib.logits(gates, c))
       # H = one_hot(argmax_g A), ties to the lowest group (as gates.py).
@@ -233,10 +274,12 @@ class Pruner:
       imp = (hard ** 2) @ w2.T                          # (G, I)
       imp, imp_s, imp_c = _normalised_sorted(imp)
       entry = {"conv": c, "H": hard, "abs": np.sum(np.abs(w), axis=(0, 1)),
-               "imp": imp, "imp_s": imp_s, "imp_c": imp_c}
+               "imp": imp, "imp_s": imp_s, "imp_c": imp_c,
+               "imp_r": _descending_ranks(imp)}
       if l in self.fp:
         f, f_s, f_c = _normalised_sorted(np.sum(w2, axis=0)[None])
-        entry.update(f=f[0], f_s=f_s, f_c=f_c)
+        entry.update(f=f[0], f_s=f_s, f_c=f_c,
+                     f_r=_descending_ranks(f)[0])
       self.layers.append(entry)
     self.flops = np.array([c.flops for c in tp], np.float64)
     self.nparams = np.array([np.prod(c.kernel_shape) for c in tp], np.float64)
@@ -247,17 +290,28 @@ class Pruner:
     masks, empty = [], []
     for l, e in enumerate(self.layers):
       thr, emp = _cum_threshold(e["imp_s"], e["imp_c"], beta, self.parity)
-      keep = (e["imp"] > thr[:, None]).astype(np.float64)      # (G, I)
-      mask = keep.T @ e["H"]                                   # (I, O)
+      keep = self._rounded(e["imp"] > thr[:, None], e["imp_r"])
+      mask = keep.astype(np.float64).T @ e["H"]                # (I, O)
       name = e["conv"].name
       empty += [(name, int(g)) for g in np.flatnonzero(emp)]
       if l in self.fp:
         thr_f, emp_f = _cum_threshold(e["f_s"], e["f_c"], beta, self.parity)
-        mask = mask * (e["f"] > thr_f[0])[None, :]
+        keep_f = self._rounded((e["f"] > thr_f[0])[None], e["f_r"][None])[0]
+        mask = mask * keep_f[None, :]
         if emp_f[0]:
           empty.append((name, -1))
       masks.append(mask)
     return masks, empty
+
+  def _rounded(self, keep: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Per row, the kept count rounded up to ``round_to`` (most important
+    first): more channels than the threshold keeps, never fewer, so rounding
+    never prunes beyond what β asks; the search then finds the β whose
+    rounded prune meets the target."""
+    if self.round_to <= 1:
+      return keep
+    k = round_up(np.sum(keep, axis=-1), self.round_to, keep.shape[-1])
+    return ranks < k[:, None]
 
   def dead_structure(self, masks: list[np.ndarray], propagate: bool = False):
     """Step 4 over the graph; new kernel, norm and depthwise masks.
@@ -290,6 +344,51 @@ class Pruner:
     masks, _, _ = self.dead_structure(masks)
     return self.pruned_fraction(masks)[0]
 
+  def structure(self, masks: list[np.ndarray]):
+    """Per taking-part layer: (union of kept inputs, kept filters, per group
+    (kept inputs, kept filters))."""
+    out = []
+    for e, m in zip(self.layers, masks):
+      live = e["abs"] * m > 0
+      filt = e["H"] > 0                                   # (G, O)
+      used = live.any(axis=0)
+      per_group = [(int(np.sum(live[:, f].any(axis=1))),
+                    int(np.sum(used & f))) for f in filt]
+      out.append((int(np.sum(live.any(axis=1))), int(np.sum(used)),
+                  per_group))
+    return out
+
+  def latency_seconds(self, masks: list[np.ndarray]) -> float:
+    """Predicted seconds of the network pruned as ``masks`` say."""
+    structure = self.structure(masks)
+    kept = {e["conv"].path: o for e, (_, o, _) in zip(self.layers, structure)}
+    return self.latency.seconds({
+        e["conv"].path: self.latency.layer_seconds(
+            e["conv"], i, o, g, self._available(e["conv"], kept))
+        for e, (i, o, g) in zip(self.layers, structure)})
+
+  def _available(self, conv: Any, kept: dict) -> int | None:
+    """Channels the input tensor of ``conv`` keeps: a conv reading only a
+    taking-part conv of its chain (conv_b after conv_a) gets that conv's
+    kept filters; one reading a residual stream, all of it (None)."""
+    if len(conv.inputs) == 1 and conv.inputs[0] in kept and (
+        self.info[conv.inputs[0]].out_features == conv.in_features):
+      return kept[conv.inputs[0]]
+    return None
+
+  def latency_pruned_at(self, beta: float) -> float:
+    """Predicted latency removed at β, in % of the dense prediction."""
+    masks, _ = self.channel_masks(beta)
+    masks, _, _ = self.dead_structure(masks)
+    return 100.0 * (1.0 - self.latency_seconds(masks)
+                    / self.latency.dense_seconds())
+
+  def unpruned_latency(self) -> float:
+    """Predicted latency removed by the weights as they are, in %."""
+    masks = [np.ones_like(e["abs"]) for e in self.layers]
+    return 100.0 * (1.0 - self.latency_seconds(masks)
+                    / self.latency.dense_seconds())
+
   def result(self, beta: float, trajectory=()) -> PruneResult:
     """The full prune at β: params, masks collection, figures, table."""
     masks0, empty = self.channel_masks(beta)
@@ -317,18 +416,14 @@ class Pruner:
     mask_tree = paths.unflatten(flat)
     params = jax.tree.map(np.asarray, pruning_lib.apply_masks(
         jax.tree.map(np.asarray, self.params), mask_tree))
-    table = []
-    for e, m in zip(self.layers, masks):
-      live = e["abs"] * m > 0
-      per_group = []
-      for g in range(self.groups):
-        filt = e["H"][g] > 0
-        per_group.append((int(np.sum(live.any(axis=0) & filt)),
-                          int(np.sum(live[:, filt].any(axis=1)))))
-      table.append((e["conv"].name, tuple(per_group)))
+    table = tuple((e["conv"].name, tuple((f, i) for i, f in groups))
+                  for e, (_, _, groups) in zip(self.layers,
+                                               self.structure(masks)))
+    latency = (None if self.latency is None else
+               self.latency.figures(self.latency_seconds(masks)))
     return PruneResult(params, mask_tree, float(beta), pf, pp, ppf, ppp,
-                       tuple(empty), tuple(table), tuple(trajectory),
-                       _whole_model(self.info, params, mask_tree))
+                       tuple(empty), table, tuple(trajectory),
+                       _whole_model(self.info, params, mask_tree), latency)
 
 
 def _whole_model(info: graph_lib.Graph, params: PyTree,
@@ -346,7 +441,8 @@ def _whole_model(info: graph_lib.Graph, params: PyTree,
 def prune_at(params: PyTree, gates: PyTree, info: graph_lib.Graph, *,
              groups: int, beta: float, fp_every: int | None = None,
              fp_layers: Sequence[int] | None = None,
-             parity: bool = True) -> PruneResult:
+             parity: bool = True, round_to: int = 0,
+             latency: Any = None) -> PruneResult:
   """One prune at threshold β (spec §3 steps 1-5).
 
   Args:
@@ -358,24 +454,35 @@ def prune_at(params: PyTree, gates: PyTree, info: graph_lib.Graph, *,
     fp_every: n of the filter-pruning rule (None: derived, see ``prune``).
     fp_layers: explicit fp layer indices.
     parity: keep the cnt_g = 0 defect.
+    round_to: round kept counts up to a multiple of this (``Pruner``).
+    latency: a ``models.latency.LatencyModel`` for the predicted latency.
 
   Returns:
     The prune result.
   """
   return Pruner(params, gates, info, groups, fp_every=fp_every,
-                fp_layers=fp_layers, parity=parity).result(beta)
+                fp_layers=fp_layers, parity=parity, round_to=round_to,
+                latency=latency).result(beta)
 
 
 # The largest β the search can reach: ten steps up from 0.15 towards 1.
 BETA_MAX = 1.0 - 0.85 / 2**10
 
 
-def rate_search_betas(pruner: Pruner, rate: float) -> tuple[float, list]:
-  """The reference's bisection; returns the final β and the 10 trials."""
+def rate_search_betas(pruner: Pruner, rate: float,
+                      measure: Callable[[float], float] | None = None
+                      ) -> tuple[float, list]:
+  """The reference's bisection; returns the final β and the 10 trials.
+
+  ``measure`` maps β to the pruned share in % that ``rate`` targets
+  (default: ``pruner.flops_at``, P.FLOPS; a latency target passes
+  ``pruner.latency_pruned_at``): any measure that grows with β.
+  """
+  measure = measure or pruner.flops_at
   beta, lo, hi = 0.15, 0.0, 1.0
   trials = []
   for _ in range(10):
-    pf = pruner.flops_at(beta)
+    pf = measure(beta)
     trials.append((beta, pf))
     if pf > 100.0 * rate:
       hi = beta
@@ -387,13 +494,19 @@ def rate_search_betas(pruner: Pruner, rate: float) -> tuple[float, list]:
 
 
 def prune(params: PyTree, gates: PyTree, info: graph_lib.Graph, *, groups: int,
-          rate: float, fp_every: int | None = None,
+          rate: float | None = None, fp_every: int | None = None,
           fp_layers: Sequence[int] | None = None,
-          parity: bool = True) -> PruneResult:
-  """Prunes to a target rate of reference P.FLOPS by the spec's β search.
+          parity: bool = True, round_to: int = 0,
+          target_latency: float | None = None,
+          latency: Any = None) -> PruneResult:
+  """Prunes to a target by the spec's β search.
 
   Ten bisection trials from β = 0.15 in [0, 1], then one prune at the final,
-  untested β (11 prunes, each from the same unpruned weights).
+  untested β (11 prunes, each from the same unpruned weights). The target is
+  either ``rate`` (pruned P.FLOPS, the reference's) or ``target_latency``
+  (the predicted latency as a fraction of the dense network's, under
+  ``latency``): the same bisection on the predicted latency removed, a
+  table lookup per layer and candidate.
 
   Args:
     params: group-learned params (unpruned).
@@ -406,39 +519,75 @@ def prune(params: PyTree, gates: PyTree, info: graph_lib.Graph, *, groups: int,
       blocks, every 3rd of bottlenecks, every conv of a VGG).
     fp_layers: explicit fp layer indices (override ``fp_every``).
     parity: keep the reference's cnt_g = 0 rule (a warning names the groups).
+    round_to: round kept inputs per group and kept fp filters up to a
+      multiple of this (``Pruner``). The search prices the rounded prunes
+      and, when its final β falls short of the target, returns the smallest
+      tried β that meets it, so rounding never leaves the target unmet.
+    target_latency: target predicted latency / dense latency in (0, 1)
+      (instead of ``rate``; needs ``latency``).
+    latency: a ``models.latency.LatencyModel`` of ``info`` (the result then
+      carries its predicted latency, whatever the target).
 
   Returns:
     The prune result, with the β trajectory.
 
   Raises:
-    ValueError: for an unreachable rate, mismatched groups, or groups larger
-      than a layer's filters.
+    ValueError: for an unreachable target, mismatched groups, groups or
+      ``round_to`` larger than a layer's channels.
   """
+  if (rate is None) == (target_latency is None):
+    raise ValueError("give exactly one of rate (pruned FLOPs) and "
+                     "target_latency (latency fraction)")
+  if target_latency is not None and latency is None:
+    raise ValueError("target_latency needs a latency model (latency=)")
   pruner = Pruner(params, gates, info, groups, fp_every=fp_every,
-                  fp_layers=fp_layers, parity=parity)
-  floor = pruner.unpruned_fraction()
-  if not floor < 100.0 * rate < 100.0:
-    raise ValueError(
-        f"rate={rate!r} is unreachable: the pruned-FLOPs rate must lie in "
-        f"({floor / 100:.4f}, 1) — above what the weights already have "
-        f"({floor:.2f}% zero kernels) and below 100%")
-  top = pruner.flops_at(BETA_MAX)
-  if 100.0 * rate > top:
-    raise ValueError(
-        f"rate={rate!r} is unreachable: the pruned-FLOPs rate must lie in "
-        f"({floor / 100:.4f}, {top / 100:.4f}) — pruning at the search's "
-        f"largest threshold (beta={BETA_MAX:.6f}) removes {top:.2f}% of the "
-        "FLOPs")
-  beta, trials = rate_search_betas(pruner, rate)
+                  fp_layers=fp_layers, parity=parity, round_to=round_to,
+                  latency=latency)
+  if rate is not None:
+    what, measure, goal = "P.FLOPS", pruner.flops_at, rate
+    floor = pruner.unpruned_fraction()
+    if not floor < 100.0 * rate < 100.0:
+      raise ValueError(
+          f"rate={rate!r} is unreachable: the pruned-FLOPs rate must lie in "
+          f"({floor / 100:.4f}, 1) — above what the weights already have "
+          f"({floor:.2f}% zero kernels) and below 100%")
+    top = measure(BETA_MAX)
+    if 100.0 * rate > top:
+      raise ValueError(
+          f"rate={rate!r} is unreachable: the pruned-FLOPs rate must lie in "
+          f"({floor / 100:.4f}, {top / 100:.4f}) — pruning at the search's "
+          f"largest threshold (beta={BETA_MAX:.6f}) removes {top:.2f}% of "
+          "the FLOPs")
+  else:
+    what, measure = "latency removed", pruner.latency_pruned_at
+    goal = 1.0 - target_latency
+    hi = 1.0 - pruner.unpruned_latency() / 100.0
+    lo = 1.0 - measure(BETA_MAX) / 100.0
+    if not lo <= target_latency < hi:
+      raise ValueError(
+          f"target_latency={target_latency!r} is unreachable: the predicted "
+          f"latency fraction at batch {latency.batch} must lie in "
+          f"[{lo:.4f}, {hi:.4f}) (the search's largest threshold, "
+          f"beta={BETA_MAX:.6f}, leaves {lo:.4f} of the dense latency)")
+  beta, trials = rate_search_betas(pruner, goal, measure)
+  if pruner.round_to > 1 or rate is None:
+    # Rounded prunes and latency are coarse steps in β, and the reference's
+    # final β is untested: when it falls short, take the smallest tried β
+    # that meets the target (the reference's search stays as it is).
+    met = [b for b, m in trials if m >= 100.0 * goal]
+    if met and measure(beta) < 100.0 * goal:
+      beta = min(met)
   res = pruner.result(beta)
-  if abs(res.p_flops - 100.0 * rate) > 1.0:
+  got = res.p_flops if rate is not None else 100.0 * (
+      1.0 - res.latency["fraction"])
+  if abs(got - 100.0 * goal) > 1.0:
     warnings.warn(
-        f"DSP rate search ended at P.FLOPS {res.p_flops:.2f}% for a target of "
-        f"{100 * rate:.2f}% (beta={beta:.6g}); P.FLOPS is not monotone in beta "
-        "once whole groups are emptied, so bisection can bracket wrongly for "
-        "low targets", stacklevel=2)
+        f"DSP rate search ended at {what} {got:.2f}% for a target of "
+        f"{100 * goal:.2f}% (beta={beta:.6g}); the measure is not monotone "
+        "in beta once whole groups are emptied, so bisection can bracket "
+        "wrongly for low targets", stacklevel=2)
   return dataclasses.replace(res, trajectory=tuple(trials) + (
-      (beta, res.p_flops),))
+      (beta, got),))
 
 
 def format_table(result: PruneResult) -> str:

@@ -331,6 +331,17 @@ SCHEMA: dict[str, Any] = {
                         "the rate search (-p).", min=0.0, max=1.0),
         "cycles": F(5, "Fine-tuning cycles (each re-runs the rate search).",
                     min=1),
+        "round_to": F(0, "Round each group's kept inputs and each fp "
+                      "layer's kept filters UP to a multiple of this "
+                      "(hardware-friendly widths, e.g. 8 or 16; never "
+                      "prunes more than the threshold asks, and the rate "
+                      "search prices the rounded prunes); 0 or 1 = off.",
+                      min=0),
+        "target_latency": F(0.0, "Prune to this predicted latency / dense "
+                            "latency (e.g. 0.6) under the latency model "
+                            "(section `latency`) instead of prune_rate; "
+                            "0 = off (the FLOPs target).", min=0.0,
+                            max=1.0, check=_below_one),
         "momentum": F(0.9, "SGD momentum of every DSP stage.", min=0.0,
                       max=1.0),
         "pretrain_epochs": F(164, "Pretraining epochs.", min=0),
@@ -366,6 +377,20 @@ SCHEMA: dict[str, Any] = {
                        "stage directory, a `python -m convert import` "
                        "directory, or a reference-format .pkl ('' = none)."),
     },
+    # Latency model of latency targets (models/latency.py, docs/latency.md).
+    "latency": {
+        "batch": F(128, "Batch the latency target and prediction are for.",
+                   min=1),
+        "threads": F(1, "Torch threads of the measured latency table.",
+                     min=1),
+        "table": F("", "JSON cache of the measured per-layer table ('' = "
+                   "latency_table.json in the workdir); one made on another "
+                   "machine, torch version, thread count or batch is "
+                   "re-measured."),
+        "measured": F(True, "Measure the table with torch (cached); False = "
+                      "the analytic fallback (the fast export's cost "
+                      "model: MACs plus per-call overhead)."),
+    },
     # DDROP (docs/concepts.md).
     "ddrop": {
         "prob": F((0.0, 0.95), "(min, max) KEEP probabilities of the least/"
@@ -392,6 +417,14 @@ SCHEMA: dict[str, Any] = {
         "amount": F(0.5, "Fraction of units pruned per DDROP layer "
                     "(--amount), in [0, 1).", min=0.0, max=1.0,
                     check=_below_one),
+        "round_to": F(0, "Round each layer's kept unit count UP to a "
+                      "multiple of this (e.g. 8 or 16; slightly fewer units "
+                      "than `amount` are pruned); 0 or 1 = off.", min=0),
+        "target_latency": F(0.0, "Choose `amount` (one for all layers) so "
+                            "that the predicted latency is this fraction of "
+                            "the dense one (section `latency`); 0 = "
+                            "`amount` as given.", min=0.0, max=1.0,
+                            check=_below_one),
         "ft_epochs": F(50, "Fine-tuning epochs (--ft-epochs).", min=0),
         "ft_lr": F(0.01, "Fine-tuning peak lr (--ft-lr).", min=0.0),
         "l1": F(1e-4, "λ_l1 of the L1 penalty on DDROP-layer scales.",
