@@ -222,14 +222,14 @@ def ddrop_case(name: str, amount: float, out: pathlib.Path, tune: bool
 ONNX_THREADS = ((" 1 thread", 1), (" all threads", 0))
 
 
-def onnx_forward(path: pathlib.Path, threads: int
+def onnx_forward(path: pathlib.Path, threads: int = 0,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)
                  ) -> Callable[[np.ndarray], Callable[[], Any]]:
-  """``x -> (() -> logits)``: an onnxruntime CPU session's timed call."""
+  """``x -> (() -> logits)``: an onnxruntime session's timed call."""
   import onnxruntime as ort  # pylint: disable=import-outside-toplevel
   opts = ort.SessionOptions()
   opts.intra_op_num_threads = threads
-  session = ort.InferenceSession(str(path), opts,
-                                 providers=["CPUExecutionProvider"])
+  session = ort.InferenceSession(str(path), opts, providers=list(providers))
   name = session.get_inputs()[0].name
 
   def bind(x_nhwc: np.ndarray) -> Callable[[], Any]:
@@ -238,19 +238,26 @@ def onnx_forward(path: pathlib.Path, threads: int
   return bind
 
 
-def generic_rows(case: Case, out: pathlib.Path) -> dict[str, Callable]:
-  """``convert.compact`` jitted, and the ONNX files of pruned and dense.
+def onnx_files(model: Any, dense: dict[str, Any], masked: dict[str, Any],
+               out: pathlib.Path) -> dict[str, pathlib.Path]:
+  """``{"ONNX dense": path, "ONNX": path}``: both networks' ONNX files.
 
-  Both ONNX files come from ``convert.generic.export`` (the one path of
-  ``python -m convert export``), so the ratio compares like with like.
+  Both come from ``convert.generic.export`` (the one path of ``python -m
+  convert export``), so their ratio compares like with like.
   """
-  apply, params = convert.compact(case.model, case.masked)
-  rows = {"JAX convert.compact jit": jax_apply(jax.jit(apply), params)}
   files = {}
-  for tag, variables in (("ONNX dense", case.dense), ("ONNX", case.masked)):
-    r = generic.export(case.model, variables, out / tag.replace(" ", "_"),
+  for tag, variables in (("ONNX dense", dense), ("ONNX", masked)):
+    r = generic.export(model, variables, out / tag.replace(" ", "_"),
                        kinds=(writer.ONNX,), fresh=False)
     files[tag] = r.files[generic.FILES[writer.ONNX]]
+  return files
+
+
+def generic_rows(case: Case, out: pathlib.Path) -> dict[str, Callable]:
+  """``convert.compact`` jitted, and the ONNX files of pruned and dense."""
+  apply, params = convert.compact(case.model, case.masked)
+  rows = {"JAX convert.compact jit": jax_apply(jax.jit(apply), params)}
+  files = onnx_files(case.model, case.dense, case.masked, out)
   for label, threads in ONNX_THREADS:
     for tag, path in files.items():
       rows[tag + label] = onnx_forward(path, threads)

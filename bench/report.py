@@ -21,9 +21,11 @@ def load_average() -> str:
 
 
 def command(script: str, argv: Sequence[str] | None) -> str:
-  """The command line that reproduces a run."""
-  return " ".join(["python", script, *(sys.argv[1:] if argv is None
-                                       else argv)])
+  """The command line that reproduces a run, the user's XLA_FLAGS with it."""
+  env = ([f'XLA_FLAGS="{os.environ["XLA_FLAGS"]}"']
+         if os.environ.get("XLA_FLAGS") else [])
+  return " ".join([*env, "python", script,
+                   *(sys.argv[1:] if argv is None else argv)])
 
 
 def machine() -> str:
