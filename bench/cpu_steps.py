@@ -69,8 +69,16 @@ def _median_ms(call, steps: int, warmup: int = 2) -> float:
   return 1e3 * statistics.median(times)
 
 
-def jax_worker(batch: int, steps: int) -> dict[str, float]:
-  """Milliseconds of the plain and DSP steps and of one conv layer."""
+def jax_worker(batch: int, steps: int, numerics: bool = False
+               ) -> dict[str, Any]:
+  """Milliseconds of the plain and DSP steps and of one conv layer.
+
+  ``conv_digest`` is a hash of the conv's forward and backward results in
+  both layouts: equal digests, bit-identical numerics. ``numerics``: that
+  alone, no timing.
+  """
+  import hashlib  # pylint: disable=import-outside-toplevel
+
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -78,10 +86,13 @@ def jax_worker(batch: int, steps: int) -> dict[str, float]:
   import dsp_step  # pylint: disable=import-outside-toplevel
   import train_step  # pylint: disable=import-outside-toplevel
 
-  out = {"plain_ms": 1e3 * batch / train_step.bench(
-      "cifar_resnet20", batch, 1, steps)}
-  out["dsp_group_ms"] = 1e3 * dsp_step.bench_step(
-      "cifar_resnet20", 4, batch, steps, plain=False)["group_s"]
+  out: dict[str, Any] = {}
+  if not numerics:
+    out["plain_ms"] = 1e3 * batch / train_step.bench(
+        "cifar_resnet20", batch, 1, steps)
+    out["dsp_group_ms"] = 1e3 * dsp_step.bench_step(
+        "cifar_resnet20", 4, batch, steps, plain=False)["group_s"]
+  digest = hashlib.sha256()
   rs = np.random.RandomState(0)
   x = jnp.asarray(rs.normal(size=(batch, 32, 32, 16)), jnp.float32)
   w = jnp.asarray(rs.normal(size=(3, 3, 16, 16)), jnp.float32)
@@ -90,9 +101,13 @@ def jax_worker(batch: int, steps: int) -> dict[str, float]:
       y = jax.lax.conv_general_dilated(
           x, w, (1, 1), "SAME", dimension_numbers=(layout, "HWIO", layout))
       return (y * y).sum()
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    out[f"conv_{layout}_ms"] = _median_ms(
-        lambda grad=grad, xt=xt: jax.block_until_ready(grad(w, xt)), steps)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    for a in jax.tree.leaves(grad(w, xt)):
+      digest.update(np.asarray(a).tobytes())
+    if not numerics:
+      out[f"conv_{layout}_ms"] = _median_ms(
+          lambda grad=grad, xt=xt: jax.block_until_ready(grad(w, xt)), steps)
+  out["conv_digest"] = digest.hexdigest()[:16]
   return out
 
 
@@ -148,7 +163,8 @@ def torch_worker(batch: int, steps: int) -> dict[str, float]:
           "threads": torch.get_num_threads()}
 
 
-def run_worker(name: str, batch: int, steps: int) -> dict[str, Any]:
+def run_worker(name: str, batch: int, steps: int, numerics: bool = False
+               ) -> dict[str, Any]:
   """One configuration's process: its JSON line, or ``{"failed": why}``."""
   env = dict(os.environ)
   if name != TORCH:
@@ -159,7 +175,8 @@ def run_worker(name: str, batch: int, steps: int) -> dict[str, Any]:
     env.update(extra)
   proc = subprocess.run(
       [sys.executable, __file__, "--worker", name, "--batch", str(batch),
-       "--steps", str(steps)], capture_output=True, text=True, env=env,
+       "--steps", str(steps), *(["--numerics"] if numerics else [])],
+      capture_output=True, text=True, env=env,
       cwd=ROOT, check=False)
   if proc.returncode:
     return {"failed": (proc.stderr.strip().splitlines()
@@ -178,11 +195,23 @@ def main(argv: list[str] | None = None) -> None:
                   help="interleaved rounds of every configuration")
   ap.add_argument("--out", type=pathlib.Path,
                   help="directory for cpu_steps.json and cpu_steps.md")
+  ap.add_argument("--numerics", action="store_true",
+                  help="only whether each configuration's conv forward and "
+                  "backward are bit-identical to the default's (seconds)")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
-    fn = torch_worker if args.worker == TORCH else jax_worker
-    print(json.dumps(fn(args.batch, args.steps)))
+    print(json.dumps(torch_worker(args.batch, args.steps)
+                     if args.worker == TORCH else
+                     jax_worker(args.batch, args.steps, args.numerics)))
+    return
+  if args.numerics:
+    digests = {c: run_worker(c, args.batch, 0, True) for c in CONFIGS}
+    for c, d in digests.items():
+      same = d.get("conv_digest") == digests["default"].get("conv_digest")
+      print(f"{c}: " + (f"failed: {d['failed']}" if "failed" in d else
+                        "bit-identical to default" if same else
+                        "differs from default"))
     return
   runs: dict[str, list[dict[str, float]]] = {c: [] for c in args.configs}
   loads = [report.load_average()]
