@@ -20,10 +20,12 @@ import pathlib
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ddrop_jax  # noqa: E402
@@ -35,8 +37,11 @@ from training import steps  # noqa: E402
 from training.data import CIFAR_MEAN, CIFAR_STD, DatasetInfo  # noqa: E402
 
 
-def make_steps(name: str, batch: int):
-  """``{'plain': (step, state), 'ddrop': (step, state)}`` and a batch."""
+def make_steps(name: str, batch: int, dtype: Any = jnp.float32):
+  """``{'plain': (step, state), 'ddrop': (step, state)}`` and a batch.
+
+  ``dtype`` is the steps' compute dtype (``make_train_step``'s).
+  """
   info = DatasetInfo("random", 10, 32, 3, {"train": batch}, CIFAR_MEAN,
                      CIFAR_STD)
   mesh = mesh_lib.make_mesh()
@@ -54,10 +59,10 @@ def make_steps(name: str, batch: int):
   dtx = ddrop_jax.ddrop_optimizer(tx, layers, cfg)
   dstate = new_state()
   out = {
-      "plain": (steps.make_train_step(model, tx, info, mesh),
+      "plain": (steps.make_train_step(model, tx, info, mesh, dtype=dtype),
                 mesh_lib.replicate(state, mesh)),
       "ddrop": (ddrop_jax.make_ddrop_train_step(model, dtx, info, mesh,
-                                                layers, cfg),
+                                                layers, cfg, dtype=dtype),
                 mesh_lib.replicate(dstate.replace(
                     opt_state=dtx.init(dstate.params),
                     extra=ddrop_jax.init_extra(layers, cfg)), mesh)),

@@ -42,8 +42,9 @@ def _median_time(fn, state, batch, steps: int) -> float:
   return statistics.median(times)
 
 
-def bench_step(name: str, groups: int, batch_size: int, steps: int) -> dict:
-  """Median seconds of the group step and of a plain step."""
+def bench_step(name: str, groups: int, batch_size: int, steps: int,
+               plain: bool = True) -> dict:
+  """Median seconds of the group step and (``plain``) of a plain step."""
   model = models.create_model(name, groups=groups)
   size = models.model_spec(name).image_size
   variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
@@ -59,6 +60,8 @@ def bench_step(name: str, groups: int, batch_size: int, steps: int) -> dict:
                                  lr_schedule=lambda t: 0.05,
                                  total_steps=1000, layer_info=info)
   t_group = _median_time(step, state, batch, steps)
+  if not plain:
+    return {"group_s": t_group}
 
   tx = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.05, 0.9))
 
