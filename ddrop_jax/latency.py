@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ddrop_jax.config import DdropConfig
-from ddrop_jax.pruning import check_round_to, pruned_units
+from ddrop_jax.pruning import check_round_to, importance_of, pruned_units
 from ddrop_jax.selection import DdropLayer
 from models import graph as graph_lib
 from models import paths
@@ -41,10 +41,7 @@ def _masks(variables, layers, cfg, stats, amount):
   params = variables["params"]
   flat_m = paths.flatten(variables.get("masks") or {})
   for layer in layers:
-    criterion = cfg.importance
-    if criterion == "activation" and (
-        stats is None or paths.get(stats, layer.path) is None):
-      criterion = "norm"
+    criterion = importance_of(layer, cfg, stats)
     keep = ~np.asarray(pruned_units(layer, params, stats, criterion, amount,
                                     cfg.round_to))
     # The producer's filters and the norm after it: enough for the cut to

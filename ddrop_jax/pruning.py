@@ -89,6 +89,15 @@ def prune(variables: Mapping[str, Any], layers: Sequence[DdropLayer],
   return _prune(dict(variables), tuple(layers), cfg, stats)
 
 
+def importance_of(layer: DdropLayer, cfg: DdropConfig, stats) -> str:
+  """``cfg.importance``, or ``norm`` for a layer without activation
+  statistics (the extra layers of ``prune_residual``)."""
+  if cfg.importance == "activation" and (
+      stats is None or paths.get(stats, layer.path) is None):
+    return "norm"
+  return cfg.importance
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _prune(variables, layers, cfg, stats):
   # One compiled program instead of hundreds of small eager ops.
@@ -97,10 +106,7 @@ def _prune(variables, layers, cfg, stats):
   flat_b = paths.flatten(variables.get("batch_stats", {}))
   flat_m = paths.flatten(variables.get("masks") or {})
   for layer in layers:
-    criterion = cfg.importance
-    if criterion == "activation" and (
-        stats is None or paths.get(stats, layer.path) is None):
-      criterion = "norm"
+    criterion = importance_of(layer, cfg, stats)
     keep = 1.0 - pruned_units(layer, params, stats, criterion, cfg.amount,
                               cfg.round_to).astype(jnp.float32)
     kernel = layer.producer + ("kernel",)
