@@ -255,9 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from training import errors
   with errors.reported([config.workdir]):
     # After validation: these import JAX.
-    import run as run_lib
-    from training import checkpoint, loop
+    from training import checkpoint, command, loop
     with errors.reported([config.workdir], extra=(
         loop.TrainingDiverged, checkpoint.CheckpointError)):
-      run_lib.dispatch(config, config.workdir)
+      command.dispatch(config, config.workdir)
   return 0
